@@ -122,14 +122,15 @@ class StreamFramer:
         if self._failed:
             return None
         buffer = self._buffer
-        if buffer[:2] == b"\r\n" and self._scanned == 0:
+        if self._scanned == 0 and buffer[:1] == b"\r":
+            if len(buffer) < 4 and b"\r\n\r\n".startswith(buffer):
+                return None  # a ping, or a pong, still arriving: wait for more bytes
             if buffer[:4] == b"\r\n\r\n":
                 del buffer[:4]
                 return KeepalivePingReceived()
-            if len(buffer) < 4 and bytes(buffer[2:3]) in (b"", b"\r"):
-                return None  # a ping cut in two, or a pong: wait for the next bytes
-            del buffer[:2]
-            return KeepalivePongReceived()
+            if buffer[:2] == b"\r\n":
+                del buffer[:2]
+                return KeepalivePongReceived()
         end = buffer.find(b"\r\n\r\n", max(self._scanned - 3, 0))
         if end < 0:
             if len(buffer) > self._max_header_size:
