@@ -167,19 +167,21 @@ class Message:
         return value
 
     def _index(self, key: str, start: int = 0) -> int:
-        try:
-            return self._names.index(key, start)
-        except ValueError:
-            return -1
+        names = self._names
+        # A membership test first: list.index raising ValueError costs far more.
+        if key in (names if start == 0 else names[start:]):
+            return names.index(key, start)
+        return -1
 
     def _texts(self, key: str) -> list[str]:
         """The values of every field named ``key`` (canonical), in order."""
-        texts = []
-        index = self._index(key)
-        while index >= 0:
-            texts.append(self._value_at(index))
-            index = self._index(key, index + 1)
-        return texts
+        names = self._names
+        count = names.count(key)
+        if count == 0:
+            return []
+        if count == 1:
+            return [self._value_at(names.index(key))]
+        return [self._value_at(index) for index, name in enumerate(names) if name == key]
 
     def get(self, name: str) -> str | None:
         """Return the value of the first field named ``name`` (any spelling), or None."""
@@ -891,6 +893,13 @@ def _parse_request_line(line: bytes) -> tuple[str, str, str, str | None, int]:
     Request-Line = Method SP Request-URI SP SIP-Version CRLF: exactly one SP between
     the elements (RFC 4475 3.1.2.8 to 3.1.2.10 reject any other whitespace).
     """
+    if line[-8:] == b" SIP/2.0":
+        # The common case, checked without regular expressions.
+        method_bytes, space, uri_bytes = line[:-8].partition(b" ")
+        if space and uri_bytes and b" " not in uri_bytes and b"\t" not in uri_bytes:
+            method = method_bytes.decode("utf-8", _SURROGATE)
+            if method in KNOWN_METHODS or abnf.METHOD_RE.fullmatch(method) is not None:
+                return method, uri_bytes.decode("utf-8", _SURROGATE), "SIP/2.0", None, 0
     text = line.decode("utf-8", _SURROGATE)
     parts = text.split(" ")
     if len(parts) != 3 or not all(parts):
