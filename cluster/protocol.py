@@ -1,0 +1,157 @@
+"""The envelopes load balancers and workers exchange over ZeroMQ.
+
+Every process binds one PULL socket, its inbox, and reaches a peer through a PUSH
+socket connected to the peer's inbox (endpoints are published in etcd).  A frame
+is a msgpack array of envelopes: a sender gathers what one pass of its event loop
+produced for a peer and sends it as one frame (batching is what makes the hop
+cheap: ../shared/PERFORMANCE-NOTES.md).
+
+Each envelope is a msgpack array whose first element is its kind:
+
+``INBOUND`` (load balancer -> worker, or worker -> worker when forwarded)::
+
+    [INBOUND, ring, lb_id, socket_id, transport, advertised,
+     source_host, source_port, connection_id, data, hops]
+
+``OUTBOUND`` (worker -> load balancer)::
+
+    [OUTBOUND, socket_id, transport, destination_host, destination_port,
+     connection_id, data]
+
+``CLAIMS`` (worker -> worker, when ownership moved)::
+
+    [CLAIMS, ring, from_worker, complete, [call_id, ...]]
+
+``RELEASES`` (worker -> worker)::
+
+    [RELEASES, from_worker, [call_id, ...]]
+
+``CONNECTION_CLOSED`` (load balancer -> worker)::
+
+    [CONNECTION_CLOSED, lb_id, connection_id]
+
+Field meanings: ``ring`` is a ring fingerprint (``cluster/ring.py``);
+``complete`` in CLAIMS says the sender has listed every call it holds whose owner
+moved to the receiver under that ring; ``transport`` is "udp" or "tcp"; ``advertised`` is the
+``host:port`` written into Via and Record-Route for the socket the message
+arrived on; ``connection_id`` is an int for TCP (unique per load balancer
+incarnation, never reused) and None for UDP; ``hops`` lists the workers an
+inbound envelope was forwarded through (a forwarded envelope is never forwarded
+back to a worker already in it).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, NamedTuple
+
+import msgpack
+
+__all__ = [
+    "ConnectionClosed",
+    "Inbound",
+    "Kind",
+    "Outbound",
+    "inbound_from",
+    "pack_frame",
+    "unpack_frame",
+]
+
+
+class Kind(enum.IntEnum):
+    """The first element of every envelope."""
+
+    INBOUND = 0
+    OUTBOUND = 1
+    CLAIMS = 2
+    RELEASES = 3
+    CONNECTION_CLOSED = 4
+
+
+class Inbound(NamedTuple):
+    """A SIP message received by a load balancer, on its way to a worker."""
+
+    ring: int
+    """The fingerprint of the ring the load balancer routed it by."""
+    lb_id: str
+    """The load balancer that received it (and owns the socket or connection)."""
+    socket_id: int
+    """The load balancer's socket it arrived on."""
+    transport: str
+    """"udp" or "tcp"."""
+    advertised: str
+    """The advertised ``host:port`` of that socket."""
+    source_host: str
+    """The address it came from."""
+    source_port: int
+    """The port it came from."""
+    connection_id: int | None
+    """The TCP connection it came on; None for UDP."""
+    data: bytes
+    """The raw message."""
+    hops: tuple[str, ...] = ()
+    """The workers it was forwarded through."""
+
+    def pack(self) -> list[Any]:
+        """The envelope as a msgpack-ready list."""
+        return [Kind.INBOUND, *self[:-1], list(self.hops)]
+
+
+class Outbound(NamedTuple):
+    """A SIP message a worker asks a load balancer to send."""
+
+    socket_id: int
+    """The load balancer's socket to send from."""
+    transport: str
+    """"udp" or "tcp"."""
+    destination_host: str
+    """Where to send it."""
+    destination_port: int
+    """Where to send it."""
+    connection_id: int | None
+    """For TCP: the connection to use when it still exists (a hint)."""
+    data: bytes
+    """The raw message."""
+
+    def pack(self) -> list[Any]:
+        """The envelope as a msgpack-ready list."""
+        return [Kind.OUTBOUND, *self]
+
+
+class ConnectionClosed(NamedTuple):
+    """A load balancer's TCP connection closed."""
+
+    lb_id: str
+    """The load balancer."""
+    connection_id: int
+    """The connection."""
+
+    def pack(self) -> list[Any]:
+        """The envelope as a msgpack-ready list."""
+        return [Kind.CONNECTION_CLOSED, *self]
+
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def pack_frame(envelopes: list[list[Any]]) -> bytes:
+    """One frame holding ``envelopes`` (lists made by the ``pack`` methods)."""
+    frame: bytes = _packer.pack(envelopes)
+    return frame
+
+
+def unpack_frame(frame: bytes) -> list[list[Any]]:
+    """The envelopes of a frame, as lists; raises ValueError on a malformed frame."""
+    try:
+        envelopes = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True)
+    except (msgpack.UnpackException, ValueError) as error:
+        raise ValueError(f"malformed frame: {error}") from None
+    if not isinstance(envelopes, list):
+        raise ValueError("malformed frame: not an array")
+    return envelopes
+
+
+def inbound_from(fields: list[Any]) -> Inbound:
+    """An Inbound from an unpacked envelope (its kind element removed)."""
+    *head, hops = fields
+    return Inbound._make([*head, tuple(hops)])
