@@ -240,6 +240,27 @@ class Message:
         self._raws[index] = None
         self._values[index] = value
 
+    def _forget(self, key: str) -> None:
+        """Drop the parsed values of header ``key`` after a change."""
+        parsed = self._parsed
+        parsed.pop(key, None)
+        if key == "via":
+            parsed.pop("top-via", None)
+
+    def copy(self) -> Message:
+        """A copy whose header fields can be changed without touching this message
+        (values already parsed are shared: they are immutable)."""
+        clone = self.__class__.__new__(self.__class__)
+        self._copy_into(clone)
+        return clone
+
+    def _copy_into(self, clone: Message) -> None:
+        clone._names = list(self._names)
+        clone._raws = list(self._raws)
+        clone._values = list(self._values)
+        clone._parsed = dict(self._parsed)
+        clone.body = self.body
+
     def set(self, name: str, value: object) -> None:
         """Set header ``name`` to ``value``: the first field is replaced in place,
         any other field of that name removed; appended when absent."""
@@ -254,13 +275,13 @@ class Message:
             while later >= 0:
                 self._delete(later)
                 later = self._index(key, later)
-        self._parsed.pop(key, None)
+        self._forget(key)
 
     def add(self, name: str, value: object) -> None:
         """Append a field ``name: value`` after every other field."""
         key = canonical_name(name)
         self._insert(len(self._names), key, _checked_value(value))
-        self._parsed.pop(key, None)
+        self._forget(key)
 
     def prepend(self, name: str, value: object) -> None:
         """Add ``value`` as the topmost value of header ``name``.
@@ -271,7 +292,7 @@ class Message:
         """
         key = canonical_name(name)
         self._insert(max(self._index(key), 0), key, _checked_value(value))
-        self._parsed.pop(key, None)
+        self._forget(key)
 
     def remove(self, name: str) -> None:
         """Remove every field named ``name``."""
@@ -280,7 +301,7 @@ class Message:
         while index >= 0:
             self._delete(index)
             index = self._index(key, index)
-        self._parsed.pop(key, None)
+        self._forget(key)
 
     def pop_first(self, name: str) -> str | None:
         """Remove and return the topmost value of list header ``name``, or None.
@@ -297,7 +318,7 @@ class Message:
             self._delete(index)
         else:
             self._replace(index, ", ".join(elements[1:]))
-        self._parsed.pop(key, None)
+        self._forget(key)
         return elements[0]
 
     def replace_first(self, name: str, value: object) -> None:
@@ -309,7 +330,7 @@ class Message:
         elements = self._split(key, self._value_at(index))
         elements[0] = _checked_value(value)
         self._replace(index, ", ".join(elements))
-        self._parsed.pop(key, None)
+        self._forget(key)
 
     def set_body(self, body: bytes, content_type: str | None = None) -> None:
         """Replace the body and set Content-Length (and Content-Type when given)."""
@@ -683,6 +704,21 @@ class Request(Message):
         self._start = None
         self._init_fields(headers, body, content_length)
 
+    def _copy_into(self, clone: Message) -> None:
+        super()._copy_into(clone)
+        assert isinstance(clone, Request)
+        clone.method = self.method
+        clone.version = self.version
+        clone._uri_text = self._uri_text
+        clone._uri = self._uri
+        clone._start = self._start
+
+    def copy(self) -> Request:
+        """A copy whose header fields and Request-URI can be changed freely."""
+        clone = Request.__new__(Request)
+        self._copy_into(clone)
+        return clone
+
     @property
     def uri(self) -> URI:
         """The Request-URI.  Raises MessageError (400) when it is malformed."""
@@ -783,6 +819,20 @@ class Response(Message):
         self.version = "SIP/2.0"
         self._start = None
         self._init_fields(headers, body, content_length)
+
+    def _copy_into(self, clone: Message) -> None:
+        super()._copy_into(clone)
+        assert isinstance(clone, Response)
+        clone.status = self.status
+        clone.reason = self.reason
+        clone.version = self.version
+        clone._start = self._start
+
+    def copy(self) -> Response:
+        """A copy whose header fields can be changed freely."""
+        clone = Response.__new__(Response)
+        self._copy_into(clone)
+        return clone
 
     def _error(self, reason: str) -> MessageError:
         # RFC 3261 17.1.3 / 18.1.2: a malformed response is discarded, never answered.

@@ -656,3 +656,33 @@ def test_build_a_request_from_scratch() -> None:
         Request("BAD METHOD", "sip:x")
     with pytest.raises(LocalProtocolError):
         Response(700)
+
+
+def test_changing_the_via_updates_the_top_via() -> None:
+    message = basic()
+    assert message.via.host == "192.0.2.1"
+    message.replace_first("Via", "SIP/2.0/TCP 192.0.2.9;branch=z9hG4bKnew")
+    assert message.via.host == "192.0.2.9"
+    message.prepend("Via", "SIP/2.0/UDP 192.0.2.10;branch=z9hG4bKtop")
+    assert message.via.host == "192.0.2.10"
+    message.pop_first("Via")
+    assert message.via.host == "192.0.2.9"
+
+
+def test_copy_is_independent() -> None:
+    message = basic(b"Route: <sip:p1.example.com;lr>")
+    message.routes  # noqa: B018 - parsed values are shared, fields are not
+    clone = message.copy()
+    clone.pop_first("Route")
+    clone.uri = parse_uri("sip:bob@192.0.2.7")
+    clone.set("Max-Forwards", 69)
+    assert message.routes and not clone.routes
+    assert message.uri_text == "sip:bob@example.com"
+    assert message.max_forwards == 70
+    assert clone.max_forwards == 69
+    assert parse_message(clone.to_bytes()).uri_text == "sip:bob@192.0.2.7"
+    response = make_response(message, 180)
+    response_clone = response.copy()
+    response_clone.pop_first("Via")
+    assert response.has("Via")
+    assert not response_clone.has("Via")
