@@ -10,7 +10,7 @@ worker and still verify.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,9 +65,18 @@ class AuthOutcome:
 class Authenticator:
     """Challenges and verifies requests with digest, against a user directory."""
 
-    def __init__(self, digest: DigestServer, users: UserDirectory) -> None:
+    def __init__(
+        self,
+        digest: DigestServer,
+        users: UserDirectory,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``clock``, when given, supplies the time for nonces instead of the ``now``
+        passed to ``check``: nonces carry wall-clock time so that every worker can
+        verify them, while a caller's ``now`` may be a monotonic clock."""
         self.digest = digest
         self.users = users
+        self.clock = clock
 
     def check(self, request: Request, *, realm: str, proxy: bool, now: float) -> AuthOutcome:
         """Check ``request``'s credentials for ``realm``.
@@ -79,6 +88,8 @@ class Authenticator:
         digest is right gets ``stale=true`` (RFC 7616 3.3); malformed credentials
         get 400.
         """
+        if self.clock is not None:
+            now = self.clock()
         try:
             offered = request.proxy_authorization if proxy else request.authorization
         except MessageError as error:

@@ -79,6 +79,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cluster.membership import LBSocket
 from cluster.ring import make_branch_prefix
+from registry import address_of_record
 from sipcore import (
     URI,
     AckReceived,
@@ -108,7 +109,6 @@ from sipcore import (
     parse_uri,
     parse_via,
     reason_phrase,
-    unescape,
 )
 
 from ._response_context import (
@@ -343,12 +343,6 @@ def _same_user(authenticated: str, aor: str) -> bool:
     user, _, domain = authenticated.rpartition("@")
     aor_user, _, aor_domain = aor.rpartition("@")
     return user == aor_user and domain.lower() == aor_domain
-
-
-def _address_of_record(uri: SipURI) -> str:
-    """``user@domain`` as the registrar keys bindings (RFC 3261 10.3 step 5)."""
-    host = uri.host.lower()
-    return host if uri.user is None else f"{unescape(uri.user)}@{host}"
 
 
 def _max_breadth(request: Request) -> int | None:
@@ -605,7 +599,7 @@ class ProxyCore:
                     return
                 assert isinstance(from_uri, SipURI)
                 if outcome.user is None or not _same_user(
-                    outcome.user, _address_of_record(from_uri)
+                    outcome.user, address_of_record(from_uri)
                 ):
                     refuse(Refusal.FORBIDDEN_SENDER)
                     return
@@ -634,7 +628,7 @@ class ProxyCore:
             return
         elif not in_dialog and uri.user is not None and self._names_us(uri):
             # One of our users: the location service (16.5).
-            aor = _address_of_record(uri)
+            aor = address_of_record(uri)
             bindings = self._locator.lookup(aor)
             if not bindings:
                 refuse(

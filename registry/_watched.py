@@ -1,0 +1,192 @@
+"""A local cache of a key range of etcd, kept current by a watch.
+
+The cache reads the whole range once, then follows a watch from the revision
+after that read.  When the watch breaks it resumes from the revision after the
+last event it applied; when that revision was compacted away (etcd answers
+``compact_revision``, aetcd raises RevisionCompactedError) it reads the whole range
+again and starts over.  While etcd is unreachable the cache keeps what it has, so
+readers go on answering from it.
+
+Events of one etcd revision (one Txn) reach the cache in one watch response and
+are applied without yielding to the event loop in between, so a reader never sees
+half a transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import aetcd
+
+from ._errors import StoreUnavailableError
+
+__all__ = ["WatchedRange"]
+
+log = logging.getLogger(__name__)
+
+_RETRY_DELAY_MIN = 0.2
+_RETRY_DELAY_MAX = 5.0
+
+
+class WatchedRange:
+    """Base class: keeps a subclass's cache of ``[start, end)`` in step with etcd.
+
+    Subclasses implement ``_reset`` (replace the cache with a full read),
+    ``_apply_put`` and ``_apply_delete`` (one watch event each).
+    """
+
+    def __init__(self, client: aetcd.Client, start: bytes, end: bytes, *, name: str) -> None:
+        self.client = client
+        self._range_start = start
+        self._range_end = end
+        self._name = name
+        self.ready = asyncio.Event()
+        """Set once the first full read is in the cache."""
+        self.revision = 0
+        """The etcd revision the cache reflects: the last one read or watched."""
+        self.reloads = 0
+        """How many full reads were made (the first one included)."""
+        self._loaded = False
+        self._task: asyncio.Task[None] | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, timeout: float | None = 10.0) -> None:
+        """Start following the range and wait until the first full read is done.
+
+        Called again after ``stop``, it resumes the watch from the last revision
+        seen (a full read only if that revision was compacted).  Raises
+        StoreUnavailableError when the first read does not complete within ``timeout``
+        seconds (the follower is stopped again).
+        """
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"{self._name}-watch"
+            )
+        if self.ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.ready.wait(), timeout)
+        except TimeoutError:
+            await self.stop()
+            raise StoreUnavailableError(
+                f"the {self._name} cache could not load from etcd"
+            ) from None
+
+    async def stop(self) -> None:
+        """Stop following; the cache keeps its content."""
+        task = self._task
+        self._task = None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def wait_for_revision(self, revision: int, timeout: float | None = None) -> None:
+        """Wait until the cache reflects etcd revision ``revision`` (or later).
+
+        Only revisions that touch the range advance the cache, so ``revision``
+        should be one of a write in the range.  Raises TimeoutError.
+        """
+        if self.revision >= revision:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((revision, future))
+        await asyncio.wait_for(future, timeout)
+
+    # ------------------------------------------------------------ subclass hooks
+
+    def _reset(self, kvs: list[Any], revision: int) -> None:
+        """Replace the cache with the key-values of a full read at ``revision``."""
+        raise NotImplementedError
+
+    def _apply_put(self, key: bytes, value: bytes, revision: int) -> None:
+        """Apply a put of ``key`` at ``revision``."""
+        raise NotImplementedError
+
+    def _apply_delete(self, key: bytes, revision: int) -> None:
+        """Apply a delete of ``key`` at ``revision``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ the follower
+
+    def _advance(self, revision: int) -> None:
+        if revision > self.revision:
+            self._set_revision(revision)
+
+    def _set_revision(self, revision: int) -> None:
+        self.revision = revision
+        if self._waiters:
+            waiting = []
+            for wanted, future in self._waiters:
+                if wanted <= revision:
+                    if not future.done():
+                        future.set_result(None)
+                elif not future.done():
+                    waiting.append((wanted, future))
+            self._waiters = waiting
+
+    async def _run(self) -> None:
+        delay = _RETRY_DELAY_MIN
+        while True:
+            try:
+                if not self._loaded:
+                    await self._load()
+                await self._follow()
+                delay = _RETRY_DELAY_MIN
+                log.info("%s watch ended; resuming from revision %d", self._name, self.revision)
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                raise
+            except aetcd.exceptions.RevisionCompactedError as error:
+                # The history since our revision is gone: only a full read can
+                # tell what changed (deletions above all).
+                log.info(
+                    "%s watch: revision %d compacted (%s); reloading",
+                    self._name,
+                    self.revision + 1,
+                    error,
+                )
+                self._loaded = False
+            except Exception as error:
+                log.warning(
+                    "%s watch interrupted (%s: %s); retrying in %.1f s",
+                    self._name,
+                    type(error).__name__,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_DELAY_MAX)
+
+    async def _load(self) -> None:
+        response = await self.client.get_range(self._range_start, self._range_end)
+        revision = response.header.revision
+        # No await between here and the end: readers see the old cache or the new.
+        self._reset(list(response.kvs), revision)
+        self._loaded = True
+        self.reloads += 1
+        self._set_revision(revision)
+        self.ready.set()
+
+    async def _follow(self) -> None:
+        watch = await self.client.watch(
+            self._range_start, range_end=self._range_end, start_revision=self.revision + 1
+        )
+        delete = aetcd.rtypes.EventKind.DELETE
+        try:
+            async for event in watch:
+                kv = event.kv
+                revision = kv.mod_revision
+                if event.kind == delete:
+                    self._apply_delete(kv.key, revision)
+                else:
+                    self._apply_put(kv.key, kv.value, revision)
+                self._advance(revision)
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.cancel()

@@ -1,0 +1,606 @@
+"""Tests of registry/: the location service, credentials and the nonce secret, on a
+real etcd (the session's ``etcd_server``, one key prefix per test)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from cluster.etcd import LocalEtcd
+from cluster.keys import KeyLayout
+from cluster.membership import connect_etcd
+from registry import (
+    AorChange,
+    AorState,
+    Binding,
+    CommitOutcome,
+    LocationStore,
+    MalformedRecordError,
+    UserStore,
+    add_user,
+    address_of_record,
+    binding_id_for,
+    contact_text,
+    list_users,
+    load_or_create_nonce_secret,
+    plan_change,
+    remove_user,
+)
+from sipcore import DigestAlgorithm, SipURI, compute_ha1, parse_name_addr, parse_uri
+from worker.transport import Peer
+
+T = TypeVar("T")
+
+PEER = Peer("lb1", 0, "udp", "192.0.2.10", 5060, None)
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run one test coroutine on a fresh event loop."""
+    return asyncio.run(coroutine)
+
+
+class Clock:
+    """A clock the test moves by hand (seconds since the epoch)."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_binding(
+    aor: str,
+    uri: str,
+    expires_at: float,
+    *,
+    call_id: str = "call-1",
+    cseq: int = 1,
+    q: float | None = None,
+) -> Binding:
+    address = parse_name_addr(f"<{uri}>", "Contact")
+    return Binding(
+        aor=aor,
+        binding_id=binding_id_for(address),
+        contact=contact_text(address),
+        uri=uri,
+        expires_at=expires_at,
+        q=q,
+        call_id=call_id,
+        cseq=cseq,
+        received=PEER,
+        user_agent="test",
+        path=("<sip:edge.example.net;lr>",),
+        registered_at=expires_at - 3600,
+    )
+
+
+async def wait_until(store: Any, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait, event by event of the store's watch, until ``predicate()`` holds."""
+    while not predicate():
+        await store.wait_for_revision(store.revision + 1, timeout)
+
+
+async def with_client(
+    etcd_server: LocalEtcd, body: Callable[..., Awaitable[T]], *, clients: int = 1
+) -> T:
+    connected = [await connect_etcd(etcd_server.url) for _ in range(clients)]
+    try:
+        return await body(*connected)
+    finally:
+        for client in connected:
+            await client.close()
+
+
+def replace_all(store: LocationStore, aor: str, bindings: list[Binding]) -> AorChange:
+    return plan_change(store.aor_state(aor), bindings)
+
+
+# ------------------------------------------------------------------ values
+
+
+def test_binding_round_trips_through_msgpack() -> None:
+    binding = make_binding("alice@example.com", "sip:alice@192.0.2.10:5060", 1e9, q=0.5)
+    assert Binding.decode(binding.encode()) == binding
+    without_peer = Binding(**{**_fields(binding), "received": None})
+    assert Binding.decode(without_peer.encode()) == without_peer
+
+
+def _fields(binding: Binding) -> dict[str, Any]:
+    return {name: getattr(binding, name) for name in Binding.__dataclass_fields__}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        b"\x93\x01\x02\x03",
+        b'{"json": 1}',
+        b"\x91\x02",
+        b"\xdc\x00\x0d" + b"\xc0" * 13,
+    ],
+)
+def test_malformed_binding_values_raise_malformed_record(data: bytes) -> None:
+    with pytest.raises(MalformedRecordError):
+        Binding.decode(data)
+
+
+def test_binding_ids_follow_uri_equality_and_instance_ids() -> None:
+    def identity(text: str) -> str:
+        return binding_id_for(parse_name_addr(text, "Contact"))
+
+    # RFC 3261 19.1.4: host case, escaping and a parameter present on one side only
+    # do not matter; user case, port, transport and URI headers do.
+    assert identity("<sip:alice@EXAMPLE.com>") == identity("<sip:%61lice@example.com;foo>")
+    assert identity("<sip:alice@example.com>") != identity("<sip:Alice@example.com>")
+    assert identity("<sip:alice@example.com>") != identity("<sip:alice@example.com:5070>")
+    assert identity("<sip:alice@example.com>") != identity("<sip:alice@example.com;transport=tcp>")
+    assert identity("<sip:a@example.com>") != identity("<sip:a@example.com?Route=%3Csip:x%3E>")
+    # RFC 5626: instance id and reg-id name the binding whatever the URI.
+    instance = ';+sip.instance="<urn:uuid:00000000-0000-1000-8000-000A95A0E128>"'
+    assert identity(f"<sip:a@192.0.2.1>{instance};reg-id=1") == identity(
+        f"<sip:a@192.0.2.2:6000>{instance};reg-id=1"
+    )
+    assert identity(f"<sip:a@192.0.2.1>{instance};reg-id=1") != identity(
+        f"<sip:a@192.0.2.1>{instance};reg-id=2"
+    )
+
+
+def test_address_of_record_is_canonical() -> None:
+    uri = parse_uri("sips:Al%69ce@Example.COM:5061;transport=tcp")
+    assert isinstance(uri, SipURI)
+    assert address_of_record(uri) == "Alice@example.com"
+
+
+# ------------------------------------------------------------------ the store
+
+
+def test_commit_put_lookup_and_delete(etcd_server: LocalEtcd, key_layout: KeyLayout) -> None:
+    async def body(client: Any) -> None:
+        store = LocationStore(client, key_layout)
+        await store.start()
+        aor = "alice@example.com"
+        now = time.time()
+        first = make_binding(aor, "sip:alice@192.0.2.10:5060", now + 3600, q=1.0)
+        second = make_binding(aor, "sip:alice@192.0.2.11:5060", now + 600, q=0.5)
+        result = await store.commit(replace_all(store, aor, [first, second]))
+        assert result.outcome is CommitOutcome.COMMITTED
+        # Written through to the cache at once, and durable in etcd.
+        assert store.lookup(aor) == [first, second]
+        assert store.aor_state(aor).revision == result.revision
+        stored = await client.get_prefix(key_layout.aor_bindings(aor))
+        assert sorted(Binding.decode(kv.value).uri for kv in stored) == [first.uri, second.uri]
+        assert (await store.fetch_aor_state(aor)).revision == result.revision
+
+        result = await store.commit(replace_all(store, aor, [second]))
+        assert result.committed
+        assert store.lookup(aor) == [second]
+        assert len(await client.get_prefix(key_layout.aor_bindings(aor))) == 1
+
+        # The last binding gone, the AoR key goes too: "absent" is revision 0.
+        result = await store.commit(replace_all(store, aor, []))
+        assert result.committed
+        assert store.lookup(aor) == []
+        assert store.aor_state(aor) == AorState(aor, 0, ())
+        assert await client.get(key_layout.aor(aor)) is None
+        assert (await store.fetch_aor_state(aor)) == AorState(aor, 0, ())
+        await store.stop()
+
+    run(with_client(etcd_server, body))
+
+
+def test_cache_follows_writes_of_another_store(
+    etcd_server: LocalEtcd, key_layout: KeyLayout
+) -> None:
+    async def body(first_client: Any, second_client: Any) -> None:
+        reader = LocationStore(first_client, key_layout)
+        writer = LocationStore(second_client, key_layout)
+        await reader.start()
+        await writer.start()
+        aor = "bob@example.com"
+        binding = make_binding(aor, "sip:bob@192.0.2.20", time.time() + 3600)
+        result = await writer.commit(replace_all(writer, aor, [binding]))
+        await reader.wait_for_revision(result.revision, timeout=5)
+        assert reader.lookup(aor) == [binding]
+        assert reader.aor_state(aor).revision == result.revision
+
+        refreshed = make_binding(aor, binding.uri, time.time() + 7200, cseq=2)
+        result = await writer.commit(replace_all(writer, aor, [refreshed]))
+        await reader.wait_for_revision(result.revision, timeout=5)
+        assert reader.lookup(aor) == [refreshed]
+
+        result = await writer.commit(replace_all(writer, aor, []))
+        await reader.wait_for_revision(result.revision, timeout=5)
+        assert reader.lookup(aor) == []
+        assert reader.aor_state(aor).revision == 0
+        # A third store reads what the others wrote in its first load.
+        late = LocationStore(first_client, key_layout)
+        await late.start()
+        assert late.lookup(aor) == []
+        for store in (reader, writer, late):
+            await store.stop()
+
+    run(with_client(etcd_server, body, clients=2))
+
+
+def test_expired_bindings_are_hidden(etcd_server: LocalEtcd, key_layout: KeyLayout) -> None:
+    async def body(client: Any) -> None:
+        clock = Clock()
+        store = LocationStore(client, key_layout, clock=clock)
+        await store.start()
+        aor = "carol@example.com"
+        short = make_binding(aor, "sip:carol@192.0.2.30", clock.now + 60)
+        long = make_binding(aor, "sip:carol@192.0.2.31", clock.now + 600)
+        await store.commit(replace_all(store, aor, [short, long]))
+        assert store.lookup(aor) == [short, long] or store.lookup(aor) == [long, short]
+        clock.now += 61
+        # The key is still in etcd (its lease runs past the bucket's end) ...
+        assert len(await client.get_prefix(key_layout.aor_bindings(aor))) == 2
+        # ... but no reader returns it.
+        assert store.lookup(aor) == [long]
+        assert store.aor_state(aor).active(clock.now) == [long]
+        fresh = LocationStore(client, key_layout, clock=clock)
+        await fresh.start()
+        assert fresh.lookup(aor) == [long]
+        clock.now += 600
+        assert store.lookup(aor) == []
+        # A change computed from the state deletes the expired keys.
+        change = plan_change(store.aor_state(aor), [])
+        assert sorted(change.delete) == sorted([short.binding_id, long.binding_id])
+        await store.stop()
+        await fresh.stop()
+
+    run(with_client(etcd_server, body))
+
+
+def test_bindings_of_one_bucket_share_one_lease(
+    etcd_server: LocalEtcd, key_layout: KeyLayout
+) -> None:
+    async def body(client: Any) -> None:
+        store = LocationStore(client, key_layout, bucket_seconds=10.0)
+        await store.start()
+        # Five expiries inside one 10 s bucket, of three AoRs, committed at once.
+        bucket_end = (math.ceil(time.time() / 10) + 100) * 10
+        aors = ["a@example.com", "b@example.com", "c@example.com"]
+        changes = []
+        for index, aor in enumerate(aors):
+            bindings = [
+                make_binding(aor, f"sip:{aor.split('@')[0]}@192.0.2.{index}:{5060 + n}", when)
+                for n, when in enumerate((bucket_end - 9.5 + index, bucket_end - 0.5 - index))
+            ]
+            changes.append(replace_all(store, aor, bindings[: 2 if index < 2 else 1]))
+        results = await asyncio.gather(*(store.commit(change) for change in changes))
+        assert all(result.committed for result in results)
+        stored = await client.get_prefix(key_layout.bindings)
+        leases = {kv.lease for kv in stored}
+        assert len(stored) == 5
+        assert len(leases) == 1
+        assert 0 not in leases
+        # One lease for the bindings' bucket, one for the AoR keys (the bucket
+        # after): never one per binding.
+        assert store.leases.granted == 2
+        lease_info = await client.get_lease_info(leases.pop())
+        assert len(lease_info.keys) == 5
+        assert bucket_end - time.time() < lease_info.TTL <= bucket_end - time.time() + 6
+
+        # A refresh moves the binding to its new bucket's lease.
+        old = store.lookup("a@example.com")[0]
+        moved = make_binding(old.aor, old.uri, bucket_end + 1000.0, cseq=2)
+        others = [binding for binding in store.lookup(old.aor) if binding.uri != old.uri]
+        await store.commit(replace_all(store, old.aor, [moved, *others]))
+        record = await client.get(key_layout.binding(old.aor, moved.binding_id))
+        assert record.lease not in (0, lease_info.ID)
+        assert Binding.decode(record.value).expires_at == moved.expires_at
+        await store.stop()
+
+    run(with_client(etcd_server, body))
+
+
+def test_compare_and_swap_between_two_stores(etcd_server: LocalEtcd, key_layout: KeyLayout) -> None:
+    async def body(first_client: Any, second_client: Any) -> None:
+        first = LocationStore(first_client, key_layout)
+        second = LocationStore(second_client, key_layout)
+        await first.start()
+        await second.start()
+        aor = "dave@example.com"
+        now = time.time()
+        one = make_binding(aor, "sip:dave@192.0.2.40", now + 3600, call_id="a")
+        two = make_binding(aor, "sip:dave@192.0.2.41", now + 3600, call_id="b")
+        # Both computed from the same (empty) state.
+        results = await asyncio.gather(
+            first.commit(replace_all(first, aor, [one])),
+            second.commit(replace_all(second, aor, [two])),
+        )
+        outcomes = sorted(result.outcome.value for result in results)
+        assert outcomes == ["committed", "conflict"]
+        winner, loser = results if results[0].committed else results[::-1]
+        # The loser learns the winner's revision; etcd holds the winner's binding.
+        assert loser.revision == winner.revision
+        assert len(await first_client.get_prefix(key_layout.aor_bindings(aor))) == 1
+        # Re-read from etcd, recomputed, committed.
+        loser_store = second if results[1] is loser else first
+        state = await loser_store.fetch_aor_state(aor)
+        assert state.revision == winner.revision
+        retried = await loser_store.commit(plan_change(state, [*state.bindings, two, one]))
+        assert retried.committed
+        assert len(await first_client.get_prefix(key_layout.aor_bindings(aor))) == 2
+        await first.stop()
+        await second.stop()
+
+    run(with_client(etcd_server, body, clients=2))
+
+
+def test_a_conflict_in_a_batch_fails_only_its_aor(
+    etcd_server: LocalEtcd, key_layout: KeyLayout
+) -> None:
+    async def body(first_client: Any, second_client: Any) -> None:
+        store = LocationStore(first_client, key_layout)
+        other = LocationStore(second_client, key_layout)
+        await store.start()
+        await other.start()
+        now = time.time()
+        aors = [f"user{index}@example.com" for index in range(3)]
+        stale = store.aor_state(aors[1])
+        # Another worker changes the middle AoR first.
+        await other.commit(
+            replace_all(other, aors[1], [make_binding(aors[1], "sip:x@192.0.2.1", now + 60)])
+        )
+        changes = [
+            replace_all(store, aor, [make_binding(aor, "sip:y@192.0.2.2", now + 60)])
+            for aor in aors
+        ]
+        changes[1] = plan_change(stale, [make_binding(aors[1], "sip:y@192.0.2.2", now + 60)])
+        results = await asyncio.gather(*(store.commit(change) for change in changes))
+        assert [result.outcome for result in results] == [
+            CommitOutcome.COMMITTED,
+            CommitOutcome.CONFLICT,
+            CommitOutcome.COMMITTED,
+        ]
+        # One Txn failed its compare and was sent again without the stale AoR.
+        assert store.statistics.failed_compares == 1
+        assert store.statistics.transactions == 2
+        assert results[0].revision == results[2].revision
+        await store.stop()
+        await other.stop()
+
+    run(with_client(etcd_server, body, clients=2))
+
+
+def test_batches_over_128_operations_are_split(
+    etcd_server: LocalEtcd, key_layout: KeyLayout
+) -> None:
+    async def body(client: Any) -> None:
+        store = LocationStore(client, key_layout)
+        await store.start()
+        now = time.time()
+        changes = [
+            replace_all(
+                store,
+                f"user{index}@example.com",
+                [make_binding(f"user{index}@example.com", "sip:u@192.0.2.1", now + 3600)],
+            )
+            for index in range(300)
+        ]
+        # Some big changes too: 61 operations each.
+        changes += [
+            replace_all(
+                store,
+                f"big{index}@example.com",
+                [
+                    make_binding(f"big{index}@example.com", f"sip:u@192.0.2.1:{port}", now + 60)
+                    for port in range(5000, 5060)
+                ],
+            )
+            for index in range(3)
+        ]
+        results = await asyncio.gather(*(store.commit(change) for change in changes))
+        assert all(result.committed for result in results)
+        stored = await client.get_prefix(key_layout.bindings)
+        assert len(stored) == 300 + 3 * 60
+        statistics = store.statistics
+        assert statistics.changes == len(changes)
+        assert statistics.largest_transaction <= 128
+        assert statistics.transactions >= math.ceil((600 + 3 * 61) / 128)
+        assert statistics.failed_compares == 0
+        with pytest.raises(ValueError, match="does not fit"):
+            await store.commit(
+                AorChange(
+                    aor="huge@example.com",
+                    expected_revision=0,
+                    delete=tuple(str(index) for index in range(128)),
+                )
+            )
+        await store.stop()
+
+    run(with_client(etcd_server, body))
+
+
+def test_two_changes_of_one_aor_in_one_pass_do_not_share_a_txn(
+    etcd_server: LocalEtcd, key_layout: KeyLayout
+) -> None:
+    async def body(client: Any) -> None:
+        store = LocationStore(client, key_layout)
+        await store.start()
+        aor = "erin@example.com"
+        now = time.time()
+        state = store.aor_state(aor)
+        first = plan_change(state, [make_binding(aor, "sip:erin@192.0.2.50", now + 60)])
+        second = plan_change(state, [make_binding(aor, "sip:erin@192.0.2.51", now + 60)])
+        # A third AoR's change rides along with the first.
+        third_aor = "frank@example.com"
+        third = replace_all(
+            store, third_aor, [make_binding(third_aor, "sip:f@192.0.2.52", now + 60)]
+        )
+        results = await asyncio.gather(
+            store.commit(first), store.commit(second), store.commit(third)
+        )
+        # No "duplicate key given in txn request": the second waited for the first,
+        # whose commit moved the AoR past the revision the second expected.
+        assert [result.outcome for result in results] == [
+            CommitOutcome.COMMITTED,
+            CommitOutcome.CONFLICT,
+            CommitOutcome.COMMITTED,
+        ]
+        assert store.statistics.transactions == 2
+        assert results[0].revision == results[2].revision
+        assert [binding.uri for binding in store.lookup(aor)] == ["sip:erin@192.0.2.50"]
+        await store.stop()
+
+    run(with_client(etcd_server, body))
+
+
+def test_watch_reloads_after_compaction(etcd_server: LocalEtcd, key_layout: KeyLayout) -> None:
+    async def body(first_client: Any, second_client: Any) -> None:
+        reader = LocationStore(first_client, key_layout)
+        writer = LocationStore(second_client, key_layout)
+        await reader.start()
+        await writer.start()
+        now = time.time()
+        kept, dropped, added = "kept@example.com", "dropped@example.com", "added@example.com"
+        for aor in (kept, dropped):
+            result = await writer.commit(
+                replace_all(writer, aor, [make_binding(aor, "sip:k@192.0.2.60", now + 3600)])
+            )
+        await reader.wait_for_revision(result.revision, timeout=5)
+        assert reader.reloads == 1
+        # The reader's watch stops; meanwhile a binding is deleted and one added,
+        # and etcd compacts its history past the reader's revision.
+        await reader.stop()
+        await writer.commit(replace_all(writer, dropped, []))
+        last = await writer.commit(
+            replace_all(writer, added, [make_binding(added, "sip:a@192.0.2.61", now + 3600)])
+        )
+        await first_client.compact(last.revision, physical=True)
+        # Resuming from its old revision finds it compacted: a full reload.
+        await reader.start()
+        await reader.wait_for_revision(last.revision, timeout=5)
+        assert reader.reloads == 2
+        assert len(reader.lookup(kept)) == 1
+        assert reader.lookup(dropped) == []
+        assert reader.aor_state(dropped).revision == 0
+        assert [binding.uri for binding in reader.lookup(added)] == ["sip:a@192.0.2.61"]
+        # And it follows the watch again afterwards.
+        result = await writer.commit(replace_all(writer, kept, []))
+        await reader.wait_for_revision(result.revision, timeout=5)
+        assert reader.lookup(kept) == []
+        await reader.stop()
+        await writer.stop()
+
+    run(with_client(etcd_server, body, clients=2))
+
+
+def test_malformed_values_are_skipped(etcd_server: LocalEtcd, key_layout: KeyLayout) -> None:
+    async def body(client: Any) -> None:
+        aor = "gina@example.com"
+        await client.put(key_layout.binding(aor, "garbage"), b"\x00not msgpack")
+        store = LocationStore(client, key_layout)
+        await store.start()
+        assert store.lookup(aor) == []
+        binding = make_binding(aor, "sip:gina@192.0.2.70", time.time() + 60)
+        result = await client.put(key_layout.binding(aor, "other"), binding.encode())
+        # A binding under a key that is not its own is ignored as well.
+        await store.wait_for_revision(result.header.revision, timeout=5)
+        assert store.lookup(aor) == []
+        await store.stop()
+
+    run(with_client(etcd_server, body))
+
+
+# ------------------------------------------------------------------ users and the secret
+
+
+def test_user_store_add_get_remove_and_watch(etcd_server: LocalEtcd, key_layout: KeyLayout) -> None:
+    async def body(client: Any) -> None:
+        await add_user(client, key_layout, "alice@Example.COM", "secret one")
+        users = UserStore(client, key_layout)
+        await users.start()
+        record = users.get("alice@example.com")
+        assert record is not None
+        assert record.ha1 == {
+            DigestAlgorithm.MD5: compute_ha1(
+                "alice", "example.com", "secret one", DigestAlgorithm.MD5
+            ),
+            DigestAlgorithm.SHA_256: compute_ha1(
+                "alice", "example.com", "secret one", DigestAlgorithm.SHA_256
+            ),
+        }
+        stored = await client.get(key_layout.user("alice@example.com"))
+        assert b"secret one" not in stored.value
+        assert users.known("alice@example.com")
+        assert not users.known("Alice@example.com")
+        assert users.users_exist("example.com")
+        assert not users.users_exist("example.org")
+
+        # Changes made elsewhere reach the cache through the watch.
+        await add_user(client, key_layout, "bob@example.org", "secret two")
+        await wait_until(users, lambda: users.known("bob@example.org"))
+        assert users.users_exist("example.org")
+        assert await list_users(client, key_layout) == ["alice@example.com", "bob@example.org"]
+        await add_user(client, key_layout, "alice@example.com", "new secret")
+        await wait_until(
+            users,
+            lambda: (
+                users.get("alice@example.com").ha1[DigestAlgorithm.MD5]  # type: ignore[union-attr]
+                == compute_ha1("alice", "example.com", "new secret", DigestAlgorithm.MD5)
+            ),
+        )
+        assert await remove_user(client, key_layout, "bob@example.org")
+        assert not await remove_user(client, key_layout, "bob@example.org")
+        await wait_until(users, lambda: not users.known("bob@example.org"))
+        assert not users.users_exist("example.org")
+        with pytest.raises(ValueError, match="NAME@DOMAIN"):
+            await add_user(client, key_layout, "nodomain", "x")
+        await users.stop()
+
+    run(with_client(etcd_server, body))
+
+
+def test_nonce_secret_is_created_once(etcd_server: LocalEtcd, key_layout: KeyLayout) -> None:
+    async def body(first_client: Any, second_client: Any) -> None:
+        first, second = await asyncio.gather(
+            load_or_create_nonce_secret(first_client, key_layout),
+            load_or_create_nonce_secret(second_client, key_layout),
+        )
+        assert first == second
+        assert len(first) == 32
+        assert await load_or_create_nonce_secret(first_client, key_layout) == first
+        assert (await first_client.get(key_layout.nonce_secret)).value == first
+
+    run(with_client(etcd_server, body, clients=2))
+
+
+def test_late_watch_events_do_not_undo_newer_writes(
+    etcd_server: LocalEtcd, key_layout: KeyLayout
+) -> None:
+    async def body(client: Any) -> None:
+        store = LocationStore(client, key_layout)
+        await store.start()
+        # The watch lags behind the commits' replies (paused here to make it so).
+        await store.stop()
+        aor = "hank@example.com"
+        binding = make_binding(aor, "sip:hank@192.0.2.80", time.time() + 3600)
+        put = await store.commit(replace_all(store, aor, [binding]))
+        removed = await store.commit(replace_all(store, aor, []))
+        assert store.lookup(aor) == []
+        # When the watch then delivers the older revision, the cache keeps what
+        # the newer commit wrote.
+        store._apply_put(
+            key_layout.binding(aor, binding.binding_id), binding.encode(), put.revision
+        )
+        store._apply_put(key_layout.aor(aor), b"", put.revision)
+        assert store.lookup(aor) == []
+        assert store.aor_state(aor).revision == 0
+        # And the real watch, resumed, ends in the same state.
+        await store.start()
+        await store.wait_for_revision(removed.revision, timeout=5)
+        assert store.lookup(aor) == []
+        assert store.aor_state(aor).revision == 0
+        await store.stop()
+
+    run(with_client(etcd_server, body))
