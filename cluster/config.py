@@ -130,6 +130,17 @@ def parse_positive_int(text: str) -> int:
     return value
 
 
+def parse_seconds(text: str) -> float:
+    """A duration in seconds, zero or more; raises ConfigError."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"{text!r}: expected a number of seconds") from None
+    if not value >= 0:
+        raise ConfigError(f"{text!r}: expected zero or more seconds")
+    return value
+
+
 def parse_bool(text: str) -> bool:
     """true/false, yes/no, on/off, 1/0; raises ConfigError."""
     lowered = str(text).strip().lower()
@@ -305,6 +316,21 @@ class Settings:
         None,
         "this process's id in the cluster (letters and digits; default: generated)",
         frozenset({_LB, _WORKER}),
+    )
+    batch_delay: float = _setting(
+        0.0,
+        "seconds a load balancer gathers messages for a worker before sending a frame; "
+        "0 sends at the end of each event-loop pass (see docs/performance.md)",
+        frozenset({_RUN, _LB}),
+        parse_seconds,
+        metavar="SECONDS",
+    )
+    tcp_idle_timeout: float = _setting(
+        300.0,
+        "seconds without traffic after which a load balancer closes a TCP connection",
+        frozenset({_RUN, _LB}),
+        parse_seconds,
+        metavar="SECONDS",
     )
     lease_ttl: int = _setting(
         3,

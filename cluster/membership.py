@@ -253,10 +253,17 @@ class MemberWatch:
 
     async def stop(self) -> None:
         """Stop following."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task = self._task
+        if task is None:
+            return
+        # A cancellation can be swallowed when it lands just as an awaited future
+        # completes (asyncio.wait_for inside aetcd, Python 3.11): cancel until the
+        # task is really done.
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("membership watch ended with %r", task.exception())
 
     def _apply(self, key: bytes, value: bytes | None, revision: int) -> bool:
         view = self.view

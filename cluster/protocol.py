@@ -22,7 +22,7 @@ Each envelope is a msgpack array whose first element is its kind:
 
     [CLAIMS, ring, from_worker, complete, [call_id, ...]]
 
-``RELEASES`` (worker -> worker)::
+``RELEASES`` (worker -> worker; Call-IDs travel as bytes)::
 
     [RELEASES, from_worker, [call_id, ...]]
 

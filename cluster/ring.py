@@ -45,9 +45,15 @@ _HASH_KEY = b"sipcluster ring v1"
 _WORKER_ID_RE = re.compile(r"[A-Za-z0-9]{1,32}")
 
 
+_KEYED = hashlib.blake2b(digest_size=8, key=_HASH_KEY)
+
+
 def ring_hash(data: bytes) -> int:
     """A stable 64-bit keyed hash of ``data`` (BLAKE2b, fixed key)."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=_HASH_KEY).digest(), "big")
+    # Copying a keyed hash object is cheaper than keying a new one.
+    hasher = _KEYED.copy()
+    hasher.update(data)
+    return int.from_bytes(hasher.digest(), "big")
 
 
 def slot_of(call_id: bytes) -> int:

@@ -676,7 +676,8 @@ def test_copy_is_independent() -> None:
     clone.pop_first("Route")
     clone.uri = parse_uri("sip:bob@192.0.2.7")
     clone.set("Max-Forwards", 69)
-    assert message.routes and not clone.routes
+    assert message.routes
+    assert not clone.routes
     assert message.uri_text == "sip:bob@example.com"
     assert message.max_forwards == 70
     assert clone.max_forwards == 69

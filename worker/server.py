@@ -1,0 +1,534 @@
+"""The worker process: the SIP logic between ZeroMQ and etcd.
+
+A worker binds a ZeroMQ PULL inbox (its endpoint is in its membership record)
+and receives frames of envelopes from the load balancers (``cluster/protocol.py``).
+Each SIP message goes through the sans-IO core: ``parse_message`` and
+``validate``, the ``TransactionLayer``, then the registrar (REGISTER) or the proxy
+(everything else).  What the core wants sent becomes OUTBOUND envelopes, gathered
+per load balancer and sent as one frame per event-loop pass.
+
+Warm-up before ready: the worker loads the bindings and the credentials from etcd
+(and follows them with watches), then registers itself as a member; the load
+balancers start sending to it once they see its record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+from prometheus_client import Counter, Gauge
+
+from cluster.config import Settings
+from cluster.http import HealthServer
+from cluster.keys import KeyLayout
+from cluster.membership import (
+    DRAINING,
+    MemberView,
+    MemberWatch,
+    Registration,
+    WorkerRecord,
+    connect_etcd,
+)
+from cluster.notify import notify_ready
+from cluster.protocol import Inbound, Kind, Outbound, inbound_from, pack_frame, unpack_frame
+from cluster.ring import check_worker_id
+from sipcore import (
+    DigestServer,
+    Event,
+    MessageError,
+    NonceKeyring,
+    Request,
+    RequestReceived,
+    Response,
+    TransactionConfig,
+    TransactionLayer,
+    TransactionTerminated,
+    error_response,
+    parse_message,
+)
+
+from .auth import Authenticator
+from .handoff import Decision, Handoff
+from .transport import Peer, SocketDirectory, response_peer
+
+__all__ = ["Worker", "main"]
+
+log = logging.getLogger(__name__)
+
+EXIT_STARTUP = 3
+
+MESSAGES_RECEIVED = Counter(
+    "sipcluster_worker_messages_received", "SIP messages received", ["kind", "method"]
+)
+MESSAGES_SENT = Counter("sipcluster_worker_messages_sent", "SIP messages sent", ["transport"])
+MALFORMED = Counter("sipcluster_worker_malformed_messages", "Messages refused as malformed")
+FORWARDED = Counter(
+    "sipcluster_worker_handoff_forwarded", "Requests forwarded to the worker holding the call"
+)
+TRANSACTIONS = Gauge("sipcluster_worker_transactions", "Live SIP transactions")
+BINDINGS = Gauge("sipcluster_worker_bindings", "Bindings in the location cache")
+
+
+def _worker_id(settings: Settings) -> str:
+    if settings.id:
+        return check_worker_id(settings.id)
+    return "w" + secrets.token_hex(5)
+
+
+class Worker:
+    """One worker process (see the module docstring)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.id = _worker_id(settings)
+        self.keys = KeyLayout(settings.etcd_prefix)
+        self.sockets = SocketDirectory()
+        self.layer = TransactionLayer(TransactionConfig())
+        self.handoff = Handoff(self.id)
+        self.view = MemberView()
+        self.draining = False
+        self.ready = False
+        self._outgoing: dict[str, list[list[Any]]] = {}
+        self._to_workers: dict[str, list[list[Any]]] = {}
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: float | None = None
+        self._waiting: list[Inbound] = []
+        self._transaction_calls: dict[int, bytes] = {}
+        self._push: dict[str, tuple[str, zmq.Socket[bytes]]] = {}
+        self._stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._signals: asyncio.Queue[int] = asyncio.Queue()
+        # Transaction and handoff timers run on the monotonic clock; bindings'
+        # expiry and nonces on the wall clock (shared with other machines).
+        self.clock: Callable[[], float] = time.monotonic
+        self.wall_clock: Callable[[], float] = time.time
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._inbox: zmq.Socket[bytes] | None = None
+        self.endpoint = ""
+
+    # ---------------------------------------------------------------- start-up
+
+    async def start(self) -> None:
+        """Connect to etcd, warm the caches, bind the inbox and join the cluster.
+
+        Raises ConnectionError (etcd unreachable) or OSError (endpoint in use).
+        """
+        settings = self.settings
+        if not settings.etcd:
+            raise ConnectionError("--etcd URL is required")
+        self.client = await connect_etcd(settings.etcd)
+        from registry import LocationStore, UserStore, load_or_create_nonce_secret  # noqa: PLC0415
+
+        if settings.nonce_secret_file is not None:
+            secret = Path(settings.nonce_secret_file).read_bytes().strip()
+        else:
+            secret = await load_or_create_nonce_secret(self.client, self.keys)
+        self.digest = DigestServer(NonceKeyring({"k1": secret}, "k1"))
+        self.users = UserStore(self.client, self.keys)
+        self.locations = LocationStore(self.client, self.keys, clock=self.wall_clock)
+        await self.users.start()
+        await self.locations.start()
+        authenticator = (
+            Authenticator(self.digest, self.users, clock=self.wall_clock)
+            if settings.auth == "digest"
+            else None
+        )
+        self.watch = MemberWatch(self.client, self.keys, self._members_changed)
+        self.watch.start()
+        await asyncio.wait_for(self.watch.ready.wait(), 10.0)
+        self._build_cores(authenticator, secret)
+        self._bind_inbox()
+        # The caches are loaded: keep their objects out of the collector's way
+        # (every collection would otherwise walk them all).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
+        self.registration = Registration(
+            settings.etcd, self.keys.worker(self.id), settings.lease_ttl
+        )
+        await self.registration.start(self.client, self._record().to_json())
+        self.http = HealthServer(
+            settings.http.host, settings.http.port, ready=lambda: self.ready and not self.draining
+        )
+        await self.http.start()
+        self.ready = True
+        notify_ready(self.id, self.http.address, lease=self.registration.lease_id)
+        log.info("worker %s ready: inbox %s, http %s", self.id, self.endpoint, self.http.address)
+
+    def _build_cores(self, authenticator: Authenticator | None, secret: bytes) -> None:
+        from worker.proxy import ProxyConfig, ProxyCore  # noqa: PLC0415
+        from worker.registrar import Registrar, RegistrarConfig  # noqa: PLC0415
+
+        settings = self.settings
+        domains = frozenset(settings.domain) or self._lb_hosts()
+        if not domains:
+            log.warning("no --domain and no load balancer known: every domain is foreign")
+        self.registrar = Registrar(
+            RegistrarConfig(
+                domains=domains,
+                min_expires=settings.min_expires,
+                max_expires=settings.max_expires,
+                default_expires=settings.default_expires,
+                max_contacts=settings.max_contacts,
+            ),
+            self.locations,
+            authenticator,
+        )
+        proxy_config = ProxyConfig.from_settings(settings)
+        if not settings.domain:
+            proxy_config = dataclasses.replace(proxy_config, domains=domains)
+        self.proxy = ProxyCore(
+            self.layer,
+            worker_id=self.id,
+            sockets=self.sockets,
+            locator=self.locations,
+            known_user=self.users.known,
+            authenticator=authenticator,
+            config=proxy_config,
+            # Every worker signs flow tokens with the same key, so that a dialog's
+            # requests verify on whichever worker they reach.
+            flow_key=hashlib.blake2b(secret, person=b"sipcluster-flow").digest(),
+        )
+
+    def _lb_hosts(self) -> frozenset[str]:
+        """The default domains: every load balancer's listen and advertised hosts."""
+        hosts = set()
+        for record in self.view.lbs.values():
+            for lb_socket in record.sockets:
+                hosts.add(lb_socket.host.lower())
+                hosts.add(lb_socket.advertise_host.lower())
+        return frozenset(hosts)
+
+    def _bind_inbox(self) -> None:
+        settings = self.settings
+        inbox = self._context.socket(zmq.PULL)
+        inbox.setsockopt(zmq.RCVHWM, 100_000)
+        inbox.setsockopt(zmq.LINGER, 0)
+        endpoint = settings.zmq_bind
+        if endpoint is None:
+            run_dir = Path(settings.data_dir) / "run"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            endpoint = f"ipc://{run_dir.resolve()}/worker-{self.id}.sock"
+        inbox.bind(endpoint)
+        bound = inbox.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = settings.zmq_advertise or bound
+        self._inbox = inbox
+        descriptor = inbox.getsockopt(zmq.FD)
+        assert isinstance(descriptor, int)
+        self._inbox_fd = descriptor
+        asyncio.get_running_loop().add_reader(descriptor, self._read_inbox)
+
+    def _record(self) -> WorkerRecord:
+        return WorkerRecord(
+            id=self.id,
+            endpoint=self.endpoint,
+            state=DRAINING if self.draining else "active",
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            http=self.http.address if hasattr(self, "http") else "",
+        )
+
+    # -------------------------------------------------------------- membership
+
+    def _members_changed(self, view: MemberView) -> None:
+        self.view = view
+        self.sockets.update(view.lbs)
+        alive = set(view.workers)
+        for worker in list(self.handoff.alive - alive):
+            if self.handoff.member_left(worker):
+                self._release_waiting()
+        if view.ring.fingerprint != self.handoff.ring.fingerprint:
+            claims = self.handoff.ring_changed(view.ring, alive, self.clock())
+            for worker, call_ids in claims.items():
+                self._send_to_worker(
+                    worker,
+                    [Kind.CLAIMS, view.ring.fingerprint, self.id, True, list(call_ids)],
+                )
+            self._arm_timer()
+        self._update_push_sockets()
+
+    def _update_push_sockets(self) -> None:
+        wanted = {lb.id: lb.endpoint for lb in self.view.lbs.values()}
+        wanted.update({w.id: w.endpoint for w in self.view.workers.values() if w.id != self.id})
+        for member, (endpoint, sock) in list(self._push.items()):
+            if wanted.get(member) != endpoint:
+                sock.close(linger=0)
+                del self._push[member]
+        for member, endpoint in wanted.items():
+            if member not in self._push:
+                sock = self._context.socket(zmq.PUSH)
+                sock.setsockopt(zmq.SNDHWM, 100_000)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.IMMEDIATE, 1)
+                sock.connect(endpoint)
+                self._push[member] = (endpoint, sock)
+
+    # ------------------------------------------------------------------- inbox
+
+    def _read_inbox(self) -> None:
+        inbox = self._inbox
+        assert inbox is not None
+        while int(inbox.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            try:
+                frame = inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                envelopes = unpack_frame(frame)
+            except ValueError as error:
+                log.warning("dropping a malformed frame: %s", error)
+                continue
+            for envelope in envelopes:
+                self._handle_envelope(envelope)
+        self._after_work()
+
+    def _handle_envelope(self, envelope: list[Any]) -> None:
+        kind = envelope[0]
+        try:
+            if kind == Kind.INBOUND:
+                self._handle_inbound(inbound_from(envelope[1:]))
+            elif kind == Kind.CLAIMS:
+                _, ring, worker, _complete, call_ids = envelope
+                if self.handoff.claims_received(ring, worker, call_ids):
+                    self._release_waiting()
+            elif kind == Kind.RELEASES:
+                _, worker, call_ids = envelope
+                self.handoff.releases_received(worker, call_ids)
+        except (ValueError, TypeError, IndexError) as error:
+            log.warning("dropping a malformed envelope: %s", error)
+        except Exception:
+            # A bug met by one message must not stop the others.
+            log.exception("failed to handle an envelope of kind %s", kind)
+
+    def _handle_inbound(self, inbound: Inbound) -> None:
+        data = inbound.data
+        peer = Peer(
+            inbound.lb_id,
+            inbound.socket_id,
+            inbound.transport,
+            inbound.source_host,
+            inbound.source_port,
+            inbound.connection_id,
+        )
+        try:
+            message = parse_message(data, datagram=inbound.transport == "udp")
+            message.validate()
+        except MessageError as error:
+            MALFORMED.inc()
+            answer = error_response(error)
+            if answer is not None:
+                destination = peer
+                request = error.message
+                if isinstance(request, Request):
+                    with contextlib.suppress(MessageError):
+                        destination = response_peer(peer, request.via)
+                self.layer.send_stateless(answer, destination)
+            return
+        now = self.clock()
+        if isinstance(message, Response):
+            MESSAGES_RECEIVED.labels("response", message.cseq.method).inc()
+            self.layer.receive_response(message, peer, now)
+            return
+        MESSAGES_RECEIVED.labels("request", message.method).inc()
+        call_id = message.call_id.encode("utf-8", "surrogateescape")
+        route = self.handoff.route(call_id, inbound.ring, inbound.hops)
+        if route.decision is Decision.FORWARD and route.worker is not None:
+            FORWARDED.inc()
+            forwarded = inbound._replace(hops=(*inbound.hops, self.id))
+            self._send_to_worker(route.worker, forwarded.pack())
+            return
+        if route.decision is Decision.WAIT:
+            self._waiting.append(inbound)
+            self._arm_timer()
+            return
+        self.layer.receive_request(message, peer, reliable=peer.reliable, now=now)
+
+    def _release_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for inbound in waiting:
+            self._handle_inbound(inbound)
+
+    # ------------------------------------------------------------ the SIP core
+
+    def _after_work(self) -> None:
+        """Run the core's events, queue what it sends, re-arm the timer."""
+        layer = self.layer
+        now = self.clock()
+        while (event := layer.next_event()) is not None:
+            self._dispatch(event, now)
+        for outgoing in layer.messages_to_send():
+            peer: Peer = outgoing.destination  # type: ignore[assignment]
+            MESSAGES_SENT.labels(peer.transport).inc()
+            envelope = Outbound(
+                peer.socket_id,
+                peer.transport,
+                peer.host,
+                peer.port,
+                peer.connection_id,
+                outgoing.data,
+            ).pack()
+            self._outgoing.setdefault(peer.lb_id, []).append(envelope)
+        TRANSACTIONS.set(layer.transaction_count)
+        self._schedule_flush()
+        self._arm_timer()
+
+    def _dispatch(self, event: Event, now: float) -> None:
+        if isinstance(event, RequestReceived):
+            call_id = event.request.call_id.encode("utf-8", "surrogateescape")
+            self._transaction_calls[event.transaction_id] = call_id
+            self.handoff.transaction_started(call_id)
+            if event.request.method == "REGISTER" and self.registrar.serves(event.request):
+                # Each REGISTER runs as its own task, so that the commits of one
+                # loop pass can share an etcd transaction (group commit).
+                task = asyncio.get_running_loop().create_task(self._register(event))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+        elif isinstance(event, TransactionTerminated):
+            call_id_ended = self._transaction_calls.pop(event.transaction_id, None)
+            if call_id_ended is not None:
+                released = self.handoff.transaction_ended(call_id_ended)
+                if released is not None:
+                    worker, call_id = released
+                    self._send_to_worker(worker, [Kind.RELEASES, self.id, [call_id]])
+        self.proxy.handle_event(event, now)
+
+    async def _register(self, event: RequestReceived) -> None:
+        request = event.request
+        peer: Peer = event.source  # type: ignore[assignment]
+        try:
+            response = await self.registrar.handle(request, peer, self.wall_clock())
+        except Exception:
+            log.exception("REGISTER failed")
+            from sipcore import make_response  # noqa: PLC0415
+
+            response = make_response(request, 500, headers=[("Retry-After", 5)])
+        with contextlib.suppress(Exception):
+            self.layer.send_response(
+                event.transaction_id,
+                response,
+                self.clock(),
+                destination=response_peer(peer, request.via),
+            )
+        self._after_work()
+
+    # ---------------------------------------------------------------- output
+
+    def _send_to_worker(self, worker: str, envelope: list[Any]) -> None:
+        self._to_workers.setdefault(worker, []).append(envelope)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and (self._outgoing or self._to_workers):
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        for queues in (self._outgoing, self._to_workers):
+            for member, envelopes in queues.items():
+                entry = self._push.get(member)
+                if entry is None:
+                    log.debug("no connection to %s; dropping %d envelopes", member, len(envelopes))
+                    continue
+                with contextlib.suppress(zmq.Again):
+                    entry[1].send(pack_frame(envelopes), zmq.NOBLOCK)
+            queues.clear()
+
+    def _arm_timer(self) -> None:
+        deadlines = [
+            deadline
+            for deadline in (
+                self.layer.get_timer(),
+                self.handoff.get_timer(),
+                self.proxy.get_timer() if hasattr(self, "proxy") else None,
+            )
+            if deadline is not None
+        ]
+        deadline = min(deadlines, default=None)
+        if deadline == self._timer_deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_deadline = deadline
+        if deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(deadline - self.clock(), 0.0)
+        self._timer = loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_deadline = None
+        now = self.clock()
+        self.layer.handle_timer(now)
+        self.proxy.handle_timer(now)
+        if self.handoff.handle_timer(now):
+            self._release_waiting()
+        self._after_work()
+
+    # ---------------------------------------------------------------- running
+
+    async def run(self) -> int:
+        """Serve until a signal stops the worker; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._signals.put_nowait, signum)
+        try:
+            await self.start()
+        except (ConnectionError, OSError, TimeoutError, zmq.ZMQError) as error:
+            log.error("worker could not start: %s", error)
+            return EXIT_STARTUP
+        await self._signals.get()
+        await self.handle_sigterm()
+        return 0
+
+    async def handle_sigterm(self) -> None:
+        """Leave the cluster and stop."""
+        self.ready = False
+        with contextlib.suppress(Exception):
+            await self.registration.stop()
+        with contextlib.suppress(Exception):
+            await self.watch.stop()
+        self._flush()
+        if self._inbox is not None:
+            asyncio.get_running_loop().remove_reader(self._inbox_fd)
+            self._inbox.close(linger=0)
+        for _, sock in self._push.values():
+            sock.close(linger=0)
+        with contextlib.suppress(Exception):
+            await self.http.stop()
+        with contextlib.suppress(Exception):
+            await self.locations.stop()
+        with contextlib.suppress(Exception):
+            await self.users.stop()
+        with contextlib.suppress(Exception):
+            await self.client.close()
+
+
+def main(settings: Settings) -> int:
+    """Run one worker until SIGTERM; returns the exit code."""
+    import uvloop  # noqa: PLC0415
+
+    return uvloop.run(Worker(settings).run())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(1)
