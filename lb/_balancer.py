@@ -527,9 +527,11 @@ class LoadBalancer:
             if worker_id in self._pushers:
                 continue
             pusher = self._context.socket(zmq.PUSH)
-            # IMMEDIATE: queue only to a connected worker, so a send to a worker that
-            # is not there fails at once (counted) instead of piling up.
-            pusher.setsockopt(zmq.IMMEDIATE, 1)
+            # No IMMEDIATE: what is sent while the connection to a new worker is still
+            # being made waits for it (up to the high-water mark) instead of being
+            # lost; a TCP message is never retransmitted.  A worker that never comes
+            # up leaves the membership within its lease TTL, which closes this socket
+            # and drops the queue.
             pusher.setsockopt(zmq.LINGER, 0)
             pusher.setsockopt(zmq.SNDHWM, PUSH_HIGH_WATER_MARK)
             try:

@@ -39,6 +39,7 @@ import enum
 import hashlib
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
@@ -296,9 +297,16 @@ class BindingPlan:
 # ------------------------------------------------------------------ the decisions
 
 
-def check_request(request: Request, config: RegistrarConfig) -> str | Refusal:
+def check_request(
+    request: Request,
+    config: RegistrarConfig,
+    is_own_address: Callable[[str, int | None], bool] | None = None,
+) -> str | Refusal:
     """RFC 3261 10.3 steps 1 and 2, and the To check of step 5.
 
+    ``is_own_address(host, port)`` says whether a Request-URI names this server
+    itself (one of the cluster's sockets): a UA configured with the server's
+    address as its registrar sends that, and the AoR's domain in To decides.
     Returns the canonical address-of-record of the To URI, or the refusal.
     Raises MessageError when a header it reads is malformed.
     """
@@ -311,7 +319,9 @@ def check_request(request: Request, config: RegistrarConfig) -> str | Refusal:
     uri = request.uri
     if not isinstance(uri, SipURI):
         return Refusal(RegistrarFailure.UNSUPPORTED_URI_SCHEME)
-    if uri.host_key not in config.domains:
+    if uri.host_key not in config.domains and not (
+        is_own_address is not None and is_own_address(uri.host, uri.port)
+    ):
         return Refusal(RegistrarFailure.DOMAIN_NOT_SERVED)
     # RFC 3261 10.3 step 2 / 8.2.2.3: every Require option must be supported.
     unsupported = [tag for tag in request.require if tag not in SUPPORTED_OPTIONS]
@@ -603,21 +613,28 @@ class Registrar:
         authenticator: Authenticator | None = None,
         *,
         random_source: random.Random | None = None,
+        is_own_address: Callable[[str, int | None], bool] | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        self.is_own_address = is_own_address
         self.authenticator = authenticator
         self.statistics = RegistrarStatistics()
         self._random = random_source if random_source is not None else random.Random()
 
     def serves(self, request: Request) -> bool:
-        """Whether ``request``'s Request-URI names one of our domains (RFC 3261
-        10.3 step 1: a REGISTER for another domain is proxied, not handled)."""
+        """Whether ``request``'s Request-URI names one of our domains or this
+        server itself (RFC 3261 10.3 step 1: a REGISTER for another domain is
+        proxied, not handled)."""
         try:
             uri = request.uri
         except MessageError:
             return False
-        return isinstance(uri, SipURI) and uri.host_key in self.config.domains
+        if not isinstance(uri, SipURI):
+            return False
+        if uri.host_key in self.config.domains:
+            return True
+        return self.is_own_address is not None and self.is_own_address(uri.host, uri.port)
 
     async def handle(self, request: Request, peer: Peer | None, now: float) -> Response:
         """Answer one REGISTER received from ``peer`` at ``now`` (seconds since the
@@ -644,7 +661,7 @@ class Registrar:
 
     async def _handle(self, request: Request, peer: Peer | None, now: float) -> Response | Refusal:
         config = self.config
-        checked = check_request(request, config)
+        checked = check_request(request, config, self.is_own_address)
         if isinstance(checked, Refusal):
             return checked
         aor = checked

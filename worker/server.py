@@ -189,6 +189,7 @@ class Worker:
             ),
             self.locations,
             authenticator,
+            is_own_address=self.sockets.is_own_address,
         )
         proxy_config = ProxyConfig.from_settings(settings)
         if not settings.domain:
@@ -275,7 +276,6 @@ class Worker:
                 sock = self._context.socket(zmq.PUSH)
                 sock.setsockopt(zmq.SNDHWM, 100_000)
                 sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.IMMEDIATE, 1)
                 sock.connect(endpoint)
                 self._push[member] = (endpoint, sock)
 
