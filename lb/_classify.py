@@ -23,8 +23,13 @@ __all__ = [
 ]
 
 # Request-Line = Method SP Request-URI SP SIP-Version CRLF   (RFC 3261 7.1, 25.1)
-# Method is a token; SIP-Version is case-insensitive (RFC 3261 7.1).
-REQUEST_LINE_RE = re.compile(rb"[-!%*_+`'~.0-9A-Za-z]+ [^ \r\n]+ [Ss][Ii][Pp]/2\.0\r\n")
+# Method is a token; SIP-Version is case-insensitive (RFC 3261 7.1).  The test is
+# deliberately loose beyond that shape: a request with extra whitespace in its
+# Request-Line or another SIP version is still SIP, and the worker answers it (400,
+# 505: RFC 4475 3.1.2.8-3.1.2.10, 3.1.2.16); only what is not SIP at all is junk.
+REQUEST_LINE_RE = re.compile(
+    rb"[-!%*_+`'~.0-9A-Za-z]+ [^\r\n]*[ \t][Ss][Ii][Pp]/[0-9]+\.[0-9]+[ \t]*\r\n"
+)
 """Matches a request line at the start of a message (``match``, not ``search``)."""
 # Status-Line = SIP-Version SP Status-Code SP Reason-Phrase CRLF   (RFC 3261 7.2)
 _STATUS_LINE_RE = re.compile(rb"[Ss][Ii][Pp]/2\.0 [1-6][0-9][0-9] ")
@@ -52,7 +57,8 @@ def looks_like_response(data: bytes) -> bool:
 
 
 def looks_like_request(data: bytes) -> bool:
-    """Whether ``data`` starts with ``TOKEN SP uri SP SIP/2.0 CRLF`` (RFC 3261 7.1)."""
+    """Whether ``data`` starts with a request line: ``TOKEN SP ... SP SIP/x.y CRLF``
+    (RFC 3261 7.1), whitespace in between tolerated."""
     return REQUEST_LINE_RE.match(data) is not None
 
 

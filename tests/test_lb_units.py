@@ -44,8 +44,9 @@ REQUEST = (
         (b"hello", DatagramKind.JUNK),
         (b"\r\n\r\n\r\n", DatagramKind.JUNK),
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", DatagramKind.JUNK),
-        (b"INVITE sip:bob@biloxi.com SIP/3.0\r\n", DatagramKind.JUNK),
-        (b"INVITE  sip:bob@biloxi.com SIP/2.0\r\n", DatagramKind.JUNK),
+        # Still SIP: the worker answers 505 and 400 (RFC 4475 3.1.2.16, 3.1.2.9).
+        (b"INVITE sip:bob@biloxi.com SIP/3.0\r\n", DatagramKind.REQUEST),
+        (b"INVITE  sip:bob@biloxi.com SIP/2.0\r\n", DatagramKind.REQUEST),
         (b"IN(VITE sip:bob@biloxi.com SIP/2.0\r\n", DatagramKind.JUNK),
         (b"INVITE sip:bob@biloxi.com SIP/2.0", DatagramKind.JUNK),  # no line end
         (b"sip/2.0 OK\r\n", DatagramKind.JUNK),

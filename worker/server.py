@@ -71,6 +71,8 @@ __all__ = ["Worker", "main"]
 log = logging.getLogger(__name__)
 
 EXIT_STARTUP = 3
+_HOLD_SECONDS = 5.0
+_HOLD_LIMIT = 10_000
 
 MESSAGES_RECEIVED = Counter(
     "sipcluster_worker_messages_received", "SIP messages received", ["kind", "method"]
@@ -113,6 +115,8 @@ class Worker:
         self._push: dict[str, tuple[str, zmq.Socket[bytes]]] = {}
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._held: dict[str, list[list[Any]]] = {}
+        self._held_since: dict[str, float] = {}
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         # Transaction and handoff timers run on the monotonic clock; bindings'
         # expiry and nonces on the wall clock (shared with other machines).
@@ -278,6 +282,8 @@ class Worker:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(endpoint)
                 self._push[member] = (endpoint, sock)
+        if self._held:
+            self._release_held()
 
     # ------------------------------------------------------------------- inbox
 
@@ -445,11 +451,42 @@ class Worker:
             for member, envelopes in queues.items():
                 entry = self._push.get(member)
                 if entry is None:
-                    log.debug("no connection to %s; dropping %d envelopes", member, len(envelopes))
+                    self._hold(member, envelopes)
                     continue
                 with contextlib.suppress(zmq.Again):
                     entry[1].send(pack_frame(envelopes), zmq.NOBLOCK)
             queues.clear()
+
+    def _hold(self, member: str, envelopes: list[list[Any]]) -> None:
+        """Keep envelopes for a member this worker has not seen in etcd yet.
+
+        A load balancer can forward a request before this worker's membership
+        watch has shown it that load balancer's record: the answer waits for the
+        record (a few milliseconds) instead of being lost.  Bounded in count and
+        time; members that never appear drop their envelopes.
+        """
+        held = self._held.setdefault(member, [])
+        room = _HOLD_LIMIT - len(held)
+        if room <= 0:
+            return
+        held.extend(envelopes[:room])
+        self._held_since.setdefault(member, self.clock())
+        asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._expire_held, member)
+
+    def _expire_held(self, member: str) -> None:
+        since = self._held_since.get(member)
+        if since is not None and self.clock() - since >= _HOLD_SECONDS:
+            dropped = self._held.pop(member, [])
+            del self._held_since[member]
+            log.warning("no member %s appeared: dropped %d envelopes", member, len(dropped))
+
+    def _release_held(self) -> None:
+        for member in [member for member in self._held if member in self._push]:
+            envelopes = self._held.pop(member)
+            self._held_since.pop(member, None)
+            queue = self._outgoing if member in self.view.lbs else self._to_workers
+            queue.setdefault(member, []).extend(envelopes)
+        self._schedule_flush()
 
     def _arm_timer(self) -> None:
         deadlines = [
