@@ -217,7 +217,8 @@ async def send_options(uri_text: str, timeout: float) -> int:
         )
     except OSError as error:
         return _error(f"cannot resolve {host}: {error.strerror}")
-    family, _, _, _, address = infos[0]
+    family, _, _, _, socket_address = infos[0]
+    address = (socket_address[0], socket_address[1])
     local = "[::1]" if family == socket.AF_INET6 else "127.0.0.1"
     branch = "z9hG4bK-options-" + secrets.token_hex(8)
     request = Request(

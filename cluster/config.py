@@ -234,6 +234,13 @@ class Settings:
         _ALL,
         metavar="URL",
     )
+    local_etcd_port: int = _setting(
+        2379,
+        "client port of the etcd `run` starts when no --etcd is given (127.0.0.1)",
+        frozenset({_RUN}),
+        parse_positive_int,
+        metavar="PORT",
+    )
     etcd_prefix: str = _setting("/sipcluster/", "prefix of every etcd key of this cluster", _ALL)
     listen: tuple[Listen, ...] = _setting(
         (Listen("udp", "127.0.0.1", 5060), Listen("tcp", "127.0.0.1", 5060)),

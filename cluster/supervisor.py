@@ -175,7 +175,9 @@ class Supervisor:
             return
         data_dir = Path(self.settings.data_dir)
         self.local_etcd = LocalEtcd(
-            data_dir / "etcd", client_port=2379, log_path=data_dir / "etcd.log"
+            data_dir / "etcd",
+            client_port=self.settings.local_etcd_port,
+            log_path=data_dir / "etcd.log",
         )
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.local_etcd.start)

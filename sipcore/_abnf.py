@@ -90,9 +90,11 @@ QUOTED_STRING = r'"(?:[^"\\\r\n]|\\[\x00-\x09\x0b\x0c\x0e-\x7f])*"'
 QUOTED_STRING_RE = re.compile(QUOTED_STRING)
 QUOTED_PAIR_RE = re.compile(r"\\([\x00-\x09\x0b\x0c\x0e-\x7f])")
 
-# gen-value = token / host / quoted-string
+# gen-value = token / host / quoted-string; and an IPv6address without brackets,
+# which via-received allows (via-received = "received" EQUAL (IPv4address /
+# IPv6address), RFC 3261 25.1; the value is checked where it is read).
 GEN_VALUE_RE = re.compile(
-    rf'{TOKEN}|\[[0-9A-Fa-f:.]+\]|"(?:[^"\\\r\n]|\\[\x00-\x09\x0b\x0c\x0e-\x7f])*"'
+    rf'{TOKEN}|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]+|"(?:[^"\\\r\n]|\\[\x00-\x09\x0b\x0c\x0e-\x7f])*"'
 )
 
 # sent-protocol = protocol-name SLASH protocol-version SLASH transport

@@ -148,9 +148,10 @@ def _split_params(text: str, header: str) -> list[str]:
 # *( SEMI generic-param ) without quoted strings, checked in one pass:
 # generic-param = token [ EQUAL gen-value ] ; gen-value = token / host
 # (a hostname or an IPv4 address is a token; an IPv6 reference is bracketed).
+_PLAIN_VALUE = rf"(?:{abnf.TOKEN}|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]+)"
 _PLAIN_PARAMS_RE = re.compile(
-    rf"(?:[ \t]*{abnf.TOKEN}(?:[ \t]*=[ \t]*(?:{abnf.TOKEN}|\[[0-9A-Fa-f:.]+\]))?[ \t]*"
-    rf"(?:;[ \t]*{abnf.TOKEN}(?:[ \t]*=[ \t]*(?:{abnf.TOKEN}|\[[0-9A-Fa-f:.]+\]))?[ \t]*)*)"
+    rf"(?:[ \t]*{abnf.TOKEN}(?:[ \t]*=[ \t]*{_PLAIN_VALUE})?[ \t]*"
+    rf"(?:;[ \t]*{abnf.TOKEN}(?:[ \t]*=[ \t]*{_PLAIN_VALUE})?[ \t]*)*)"
 )
 
 

@@ -687,3 +687,12 @@ def test_copy_is_independent() -> None:
     response_clone.pop_first("Via")
     assert response.has("Via")
     assert not response_clone.has("Via")
+
+
+def test_ipv6_received_parameter_without_brackets() -> None:
+    # RFC 3261 25.1: via-received = "received" EQUAL (IPv4address / IPv6address).
+    message = basic(b"Via: SIP/2.0/UDP [2001:db8::9]:5070;branch=z9hG4bKv6;received=2001:db8::9")
+    assert message.vias[1].received == "2001:db8::9"
+    malformed = basic(b"Via: SIP/2.0/UDP [2001:db8::9]:5070;branch=z9hG4bKv6;received=::g")
+    with pytest.raises(MessageError):
+        malformed.vias  # noqa: B018
