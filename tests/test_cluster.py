@@ -8,6 +8,7 @@ tests in test_peers.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import uuid
@@ -19,7 +20,8 @@ import pytest
 from harness import Node, UserAgent
 
 from cluster.etcd import LocalEtcd
-from sipcore import Request, Response, make_cancel
+from cluster.ring import Ring
+from sipcore import Request, Response, build_credentials, make_cancel, parse_challenge
 
 T = TypeVar("T")
 DOMAIN = "example.com"
@@ -375,3 +377,63 @@ def test_redirect_mode(etcd_server: LocalEtcd, tmp_path: Path) -> None:
         run(scenario())
     finally:
         assert node.stop() == 0
+
+
+def test_a_nonce_from_one_worker_verifies_on_another(digest_node: Node) -> None:
+    """Nonces are stateless (HMAC with the cluster's secret): credentials sent with
+    another Call-ID, which the ring gives to another worker, still verify."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "status",
+            "--etcd",
+            digest_node.etcd_url,
+            "--etcd-prefix",
+            digest_node.prefix,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    workers = [worker["id"] for worker in json.loads(result.stdout)["workers"]]
+    ring = Ring(workers)
+    first = next(
+        f"first-{i}@test"
+        for i in range(1000)
+        if ring.owner_of(f"first-{i}@test".encode()) == workers[0]
+    )
+    second = next(
+        f"second-{i}@test"
+        for i in range(1000)
+        if ring.owner_of(f"second-{i}@test".encode()) == workers[1]
+    )
+
+    async def scenario() -> None:
+        (alice,) = await agents(digest_node, "udp", "alice")
+        register = alice.request("REGISTER", f"sip:{DOMAIN}", to=f"sip:{alice.aor}", call_id=first)
+        alice.send(register)
+        challenge = await alice.receive_response(200, method="REGISTER")
+        assert challenge.status == 401
+        credentials = build_credentials(
+            parse_challenge(challenge.get_all("WWW-Authenticate")[0]),
+            username="alice",
+            password="alice-secret",
+            method="REGISTER",
+            uri=f"sip:{DOMAIN}",
+            cnonce="c1",
+        )
+        again = alice.request(
+            "REGISTER",
+            f"sip:{DOMAIN}",
+            to=f"sip:{alice.aor}",
+            call_id=second,
+            headers=[("Authorization", str(credentials))],
+        )
+        alice.send(again)
+        assert (await alice.receive_response(200, method="REGISTER")).status == 200
+        await alice.close()
+
+    run(scenario())
