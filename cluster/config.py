@@ -141,6 +141,14 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_algorithms(text: str) -> str:
+    """A digest algorithm name, MD5 or SHA-256 (RFC 8760); raises ConfigError."""
+    name = text.strip().upper()
+    if name not in ("MD5", "SHA-256"):
+        raise ConfigError(f"{text!r}: choose MD5 or SHA-256")
+    return name
+
+
 def parse_bool(text: str) -> bool:
     """true/false, yes/no, on/off, 1/0; raises ConfigError."""
     lowered = str(text).strip().lower()
@@ -272,6 +280,16 @@ class Settings:
         "digest: challenge REGISTER (401) and requests from our users (407); none: no auth",
         frozenset({_RUN, _WORKER}),
         parse_choice("digest", "none"),
+    )
+    digest_algorithms: tuple[str, ...] = _setting(
+        ("SHA-256", "MD5"),
+        "digest algorithms offered, one challenge each, in this order (repeatable; many "
+        "deployed UAs read only the first challenge and know only MD5: list MD5 first "
+        "for them)",
+        frozenset({_RUN, _WORKER}),
+        parse_algorithms,
+        repeatable=True,
+        metavar="ALGORITHM",
     )
     nonce_secret_file: Path | None = _setting(
         None,

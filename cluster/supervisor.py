@@ -158,6 +158,7 @@ class Supervisor:
             *self._common(),
             *_flags("domain", self._domains()),
             *_flags("auth", settings.auth),
+            *_flags("digest_algorithms", settings.digest_algorithms),
             *_flags("mode", settings.mode),
             *_flags("min_expires", settings.min_expires),
             *_flags("max_expires", settings.max_expires),

@@ -48,6 +48,7 @@ from cluster.notify import notify_ready
 from cluster.protocol import Inbound, Kind, Outbound, inbound_from, pack_frame, unpack_frame
 from cluster.ring import check_worker_id
 from sipcore import (
+    DigestAlgorithm,
     DigestServer,
     Event,
     MessageError,
@@ -143,7 +144,10 @@ class Worker:
             secret = Path(settings.nonce_secret_file).read_bytes().strip()
         else:
             secret = await load_or_create_nonce_secret(self.client, self.keys)
-        self.digest = DigestServer(NonceKeyring({"k1": secret}, "k1"))
+        self.digest = DigestServer(
+            NonceKeyring({"k1": secret}, "k1"),
+            algorithms=tuple(DigestAlgorithm(name) for name in settings.digest_algorithms),
+        )
         self.users = UserStore(self.client, self.keys)
         self.locations = LocationStore(self.client, self.keys, clock=self.wall_clock)
         await self.users.start()
