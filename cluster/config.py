@@ -343,10 +343,10 @@ class Settings:
         frozenset({_LB, _WORKER}),
     )
     batch_delay: float = _setting(
-        0.0,
-        "seconds a load balancer gathers messages for a worker before sending a frame; "
-        "0 sends at the end of each event-loop pass (see docs/performance.md)",
-        frozenset({_RUN, _LB}),
+        0.001,
+        "seconds a process gathers the messages for one peer before sending them as one "
+        "ZeroMQ frame; 0 sends at the end of each event-loop pass (docs/performance.md)",
+        frozenset({_RUN, _LB, _WORKER}),
         parse_seconds,
         metavar="SECONDS",
     )

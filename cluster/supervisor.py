@@ -134,6 +134,7 @@ class Supervisor:
             *_flags("etcd_prefix", settings.etcd_prefix),
             *_flags("data_dir", settings.data_dir),
             *_flags("lease_ttl", settings.lease_ttl),
+            *_flags("batch_delay", settings.batch_delay),
             *_flags("log_level", settings.log_level),
             *_flags("log_json", settings.log_json),
             "--http",
@@ -146,7 +147,6 @@ class Supervisor:
             "lb",
             *self._common(),
             *_flags("listen", settings.listen),
-            *_flags("batch_delay", settings.batch_delay),
             *_flags("tcp_idle_timeout", settings.tcp_idle_timeout),
             *(_flags("advertise", settings.advertise) if settings.advertise else []),
         ]

@@ -300,6 +300,32 @@ _NON_INVITE_SERVER = _Kind(
 )
 
 
+_SETTLED_STATES: frozenset[Any] = frozenset(
+    state
+    for machine in (INVITE_CLIENT, NON_INVITE_CLIENT, INVITE_SERVER, NON_INVITE_SERVER)
+    for state in machine.states
+    if state.name in ("COMPLETED", "CONFIRMED", "ACCEPTED")
+)
+
+
+_CLIENTS, _SERVERS, _LEGACY_SERVERS, _LEGACY_INVITES = range(4)
+_TIMERS_BY_NAME: dict[str, Timer] = {timer.value: timer for timer in Timer}
+_RUNNING_TIMER_NAMES: dict[Any, frozenset[str]] = {
+    state: frozenset(timer.value for timer in timers)
+    for machine in (INVITE_CLIENT, NON_INVITE_CLIENT, INVITE_SERVER, NON_INVITE_SERVER)
+    for state, timers in machine.timers_by_state.items()
+}
+
+
+def _request_of(transaction: _Transaction) -> Request:
+    """The transaction's request; only a settled transaction has dropped it, and no
+    action of a settled state needs it."""
+    request = transaction.request
+    if request is None:
+        raise LocalProtocolError("the request of a settled transaction is gone")
+    return request
+
+
 def _status_index(status: int) -> int:
     """0 for 1xx, 1 for 2xx, 2 for 300-699: the index into ``_Kind.status_inputs``."""
     if status < 200:
@@ -319,6 +345,7 @@ class _Transaction:
         "kind",
         "last_response_bytes",
         "legacy",
+        "method",
         "reliable",
         "request",
         "request_bytes",
@@ -343,7 +370,8 @@ class _Transaction:
         self.identifier = identifier
         self.kind = kind
         self.state: TransactionState = kind.machine.initial_state
-        self.request = request
+        self.request: Request | None = request
+        self.method = request.method
         self.reliable = reliable
         self.destination = destination  # client: where the request goes
         self.source = source  # server: where the request came from
@@ -356,9 +384,12 @@ class _Transaction:
         self.timer_c = False
         self.interval = 0.0  # the current interval of Timer A, E or G
         # Each running timer and the sequence number of its live heap entry.
-        self.timers: dict[Timer, int] = {}
+        # Running timers by name (the Enum's value: a dict of str and int is
+        # ignored by the garbage collector, an Enum-keyed one is not).
+        self.timers: dict[str, int] = {}
         # The (table, key) pairs under which the transaction can be matched.
-        self.keys: list[tuple[dict[Any, _Transaction], Any]] = []
+        # (table index, key) pairs under which the transaction can be matched.
+        self.keys: tuple[tuple[int, Any], ...] = ()
 
 
 # RFC 3261 17.2.3 keys.  Magic cookie: (branch, sent-by, method), an ACK looking up
@@ -427,9 +458,16 @@ class TransactionLayer:
         self._servers: dict[_ServerKey, _Transaction] = {}
         self._legacy_servers: dict[_LegacyKey, _Transaction] = {}
         self._legacy_invites: dict[_LegacyAckKey, _Transaction] = {}
+        # By index, as transactions name them in their keys (_CLIENTS ...).
+        self._tables: tuple[dict[Any, _Transaction], ...] = (
+            self._clients,
+            self._servers,
+            self._legacy_servers,
+            self._legacy_invites,
+        )
         self._events: deque[Event] = deque()
         self._outgoing: list[OutgoingMessage] = []
-        self._heap: list[tuple[float, int, TransactionId, Timer]] = []
+        self._heap: list[tuple[float, int, TransactionId, str]] = []
         self._live_timers = 0
         self._sequence = itertools.count()
         self._identifiers = itertools.count(1)
@@ -537,12 +575,12 @@ class TransactionLayer:
             source=source,
         )
         if legacy_key is None:
-            self._register(transaction, self._servers, server_key)
+            self._register(transaction, _SERVERS, server_key)
         else:
             transaction.legacy = True
-            self._register(transaction, self._legacy_servers, legacy_key)
+            self._register(transaction, _LEGACY_SERVERS, legacy_key)
             if method == "INVITE":
-                self._register(transaction, self._legacy_invites, _legacy_ack_key(request, via))
+                self._register(transaction, _LEGACY_INVITES, _legacy_ack_key(request, via))
         self._transactions[transaction.identifier] = transaction
         self._run(transaction, kind.machine.initial_actions, _Step(now, request, source))
 
@@ -623,7 +661,7 @@ class TransactionLayer:
         )
         transaction.timer_c = timer_c
         transaction.request_bytes = request.to_bytes()
-        self._register(transaction, self._clients, key)
+        self._register(transaction, _CLIENTS, key)
         self._transactions[transaction.identifier] = transaction
         self._run(transaction, kind.machine.initial_actions, _Step(now, request, destination))
         return transaction.identifier
@@ -650,10 +688,9 @@ class TransactionLayer:
         kind = transaction.kind
         if kind.is_client:
             raise LocalProtocolError("send_response needs a server transaction")
-        if response.cseq.method != transaction.request.method:
+        if response.cseq.method != transaction.method:
             raise LocalProtocolError(
-                f"a response to {response.cseq.method} sent on a "
-                f"{transaction.request.method} transaction"
+                f"a response to {response.cseq.method} sent on a {transaction.method} transaction"
             )
         machine_input = kind.status_inputs[_status_index(response.status)]
         address = transaction.source if destination is None else destination
@@ -716,9 +753,9 @@ class TransactionLayer:
         heap = self._heap
         transactions = self._transactions
         while heap:
-            _, sequence, identifier, timer = heap[0]
+            _, sequence, identifier, name = heap[0]
             transaction = transactions.get(identifier)
-            if transaction is not None and transaction.timers.get(timer) == sequence:
+            if transaction is not None and transaction.timers.get(name) == sequence:
                 return heap[0][0]
             heapq.heappop(heap)  # stale: cancelled, restarted or terminated
         return None
@@ -728,12 +765,13 @@ class TransactionLayer:
         heap = self._heap
         transactions = self._transactions
         while heap and heap[0][0] <= now:
-            _, sequence, identifier, timer = heapq.heappop(heap)
+            _, sequence, identifier, name = heapq.heappop(heap)
             transaction = transactions.get(identifier)
-            if transaction is None or transaction.timers.get(timer) != sequence:
+            if transaction is None or transaction.timers.get(name) != sequence:
                 continue
-            del transaction.timers[timer]
+            del transaction.timers[name]
             self._live_timers -= 1
+            timer = _TIMERS_BY_NAME[name]
             machine_input = transaction.kind.machine.timer_inputs[timer]
             self._apply(transaction, machine_input, _Step(now, timer=timer))
 
@@ -759,11 +797,9 @@ class TransactionLayer:
             )
         return transaction
 
-    def _register(
-        self, transaction: _Transaction, table: dict[Any, _Transaction], key: Any
-    ) -> None:
-        table[key] = transaction
-        transaction.keys.append((table, key))
+    def _register(self, transaction: _Transaction, table_index: int, key: Any) -> None:
+        self._tables[table_index][key] = transaction
+        transaction.keys += ((table_index, key),)
 
     def _apply(self, transaction: _Transaction, machine_input: Enum, step: _Step) -> None:
         """Take one transition: look it up (LocalProtocolError when illegal), cancel
@@ -776,11 +812,16 @@ class TransactionLayer:
             timers = transaction.timers
             if timers:
                 # Leaving a state cancels its timers (their heap entries go stale).
-                running = machine.timers_by_state[next_state]
+                running = _RUNNING_TIMER_NAMES[next_state]
                 for stopped in [name for name in timers if name not in running]:
                     del timers[stopped]
                     self._live_timers -= 1
         immediate = self._run(transaction, actions, step)
+        if next_state in _SETTLED_STATES:
+            # A settled transaction needs only its keys and the bytes it re-sends:
+            # dropping the parsed request keeps the thousands of transactions that
+            # wait out Timers D, I, J, K, L, M light (and the garbage collector fast).
+            transaction.request = None
         if next_state is machine.terminated:
             self._terminate(transaction)
         elif immediate is not None:
@@ -799,7 +840,9 @@ class TransactionLayer:
     def _terminate(self, transaction: _Transaction) -> None:
         # RFC 3261 17.1.1.2, 17.2.1: destroyed the instant it enters Terminated, so
         # that memory is bounded by the live transactions.
-        for table, key in transaction.keys:
+        tables = self._tables
+        for table_index, key in transaction.keys:
+            table = tables[table_index]
             if table.get(key) is transaction:
                 del table[key]
         del self._transactions[transaction.identifier]
@@ -816,11 +859,12 @@ class TransactionLayer:
             fired: Enum = transaction.kind.machine.timer_inputs[timer]
             return fired
         sequence = next(self._sequence)
-        if timer not in transaction.timers:
+        name = timer.value
+        if name not in transaction.timers:
             self._live_timers += 1
-        transaction.timers[timer] = sequence
+        transaction.timers[name] = sequence
         heap = self._heap
-        heapq.heappush(heap, (now + delay, sequence, transaction.identifier, timer))
+        heapq.heappush(heap, (now + delay, sequence, transaction.identifier, name))
         if len(heap) > 1024 + 2 * self._live_timers:
             self._compact()
         return None
@@ -845,7 +889,7 @@ class TransactionLayer:
         self._outgoing.append(OutgoingMessage(transaction.request_bytes, transaction.destination))
 
     def _pass_request(self, transaction: _Transaction, step: _Step) -> None:
-        request = transaction.request
+        request = _request_of(transaction)
         if request.method == "CANCEL":
             self._events.append(
                 CancelReceived(
@@ -867,7 +911,7 @@ class TransactionLayer:
     def _cancelled_invite(self, cancel_transaction: _Transaction) -> TransactionId | None:
         """RFC 3261 9.2: the INVITE server transaction a CANCEL targets, found by the
         rules of 17.2.3 with the method taken as INVITE."""
-        cancel = cancel_transaction.request
+        cancel = _request_of(cancel_transaction)
         via = cancel.via
         if cancel_transaction.legacy:
             invite = self._legacy_servers.get(_legacy_key(cancel, via, "INVITE"))
@@ -880,7 +924,7 @@ class TransactionLayer:
         # RFC 3261 17.2.1: the server transaction MUST send a 100 Trying unless the
         # TU answers within 200 ms; it is the last provisional response sent.
         if self.config.auto_trying:
-            data = make_response(transaction.request, 100).to_bytes()
+            data = make_response(_request_of(transaction), 100).to_bytes()
             transaction.last_response_bytes = data
             self._outgoing.append(OutgoingMessage(data, transaction.response_destination))
 
@@ -892,7 +936,7 @@ class TransactionLayer:
     def _send_ack(self, transaction: _Transaction, step: _Step) -> None:
         # RFC 3261 17.1.1.3: the client transaction builds the ACK for a 300-699 and
         # sends it where the INVITE went; it is serialized once for its resends.
-        transaction.ack_bytes = make_ack(transaction.request, step.message).to_bytes()
+        transaction.ack_bytes = make_ack(_request_of(transaction), step.message).to_bytes()
         self._outgoing.append(OutgoingMessage(transaction.ack_bytes, transaction.destination))
 
     def _resend_ack(self, transaction: _Transaction, step: _Step) -> None:
