@@ -600,7 +600,10 @@ class Message:
                 if names.count(name) > 1:
                     # RFC 4475 3.3.8 and 3.3.9: a repeated single-valued header is a 400.
                     raise self._error(f"More than one {display_name(name)} header")
-        self.vias  # noqa: B018 - parsing is the check
+        # The top Via is what every element reads (transaction matching, RFC 3261
+        # 17.2.3; the response's route, 18.2.2); the others are parsed when read
+        # (a proxy's loop detection, a UA's response processing).
+        self.via  # noqa: B018 - parsing is the check
         self.from_  # noqa: B018
         self.to  # noqa: B018
         self.call_id  # noqa: B018
@@ -612,6 +615,7 @@ class Message:
         """Parse every header the core understands; raise MessageError on the first
         malformed one.  Unknown headers are opaque and never fail."""
         self.validate()
+        self.vias  # noqa: B018
         self.contacts  # noqa: B018
         self.routes  # noqa: B018
         self.record_routes  # noqa: B018
@@ -1110,23 +1114,49 @@ def make_response(
     ``headers`` are appended, then Content-Length.  A To that cannot be parsed is
     copied as it is.
     """
-    response = Response(status, reason, headers, body, content_length=False)
-    extra_names, extra_raws, extra_values = response._names, response._raws, response._values
-    response._names, response._raws, response._values = [], [], []
+    response = Response.__new__(Response)
+    if not 100 <= status <= 699:
+        raise LocalProtocolError(f"status code out of range: {status}")
+    if reason is None:
+        reason = reason_phrase(status)
+    elif "\r" in reason or "\n" in reason:
+        raise LocalProtocolError(f"reason phrase with CR or LF: {reason!r}")
+    response.status = status
+    response.reason = reason
+    response.version = "SIP/2.0"
+    response._start = None
+    response._parsed = {}
+    response.body = body
+    names: list[str] = []
+    raws: list[bytes | None] = []
+    values: list[str | None] = []
+    source_raws, source_values = request._raws, request._values
     for index, name in enumerate(request._names):
         if name in _COPIED_TO_RESPONSES:
             if name == "to" and to_tag is not None and status > 100:
                 to = _parsed_or_none(request)
                 if to is not None and to.tag is None:
-                    response._insert(len(response._names), "to", str(to.with_param("tag", to_tag)))
+                    # Parameters end the value, in the name-addr and the addr-spec
+                    # forms alike (RFC 3261 20.10): the tag goes last.
+                    names.append("to")
+                    raws.append(None)
+                    values.append(f"{request._value_at(index)};tag={to_tag}")
                     continue
-            _copy_field(request, index, response)
-        elif name == "timestamp" and status == 100:
-            _copy_field(request, index, response)
-    response._names.extend(extra_names)
-    response._raws.extend(extra_raws)
-    response._values.extend(extra_values)
-    response._insert(len(response._names), "content-length", str(len(body)))
+        elif not (name == "timestamp" and status == 100):
+            continue
+        names.append(name)
+        raws.append(source_raws[index])
+        values.append(source_values[index])
+    for name, value in headers:
+        names.append(canonical_name(name))
+        raws.append(None)
+        values.append(_checked_value(value))
+    names.append("content-length")
+    raws.append(None)
+    values.append(str(len(body)))
+    response._names = names
+    response._raws = raws
+    response._values = values
     return response
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from prometheus_client import Counter, Gauge
 
 from cluster.config import Settings
 from cluster.http import HealthServer
@@ -63,6 +62,7 @@ from sipcore import (
     parse_message,
 )
 
+from ._metrics import WorkerMetrics
 from .auth import Authenticator
 from .handoff import Decision, Handoff
 from .transport import Peer, SocketDirectory, response_peer
@@ -78,17 +78,6 @@ _HOLD_SECONDS = 5.0
 # new since the last one), which settled transactions keep small.
 GC_THRESHOLDS = (2_000, 20, 100)
 _HOLD_LIMIT = 10_000
-
-MESSAGES_RECEIVED = Counter(
-    "sipcluster_worker_messages_received", "SIP messages received", ["kind", "method"]
-)
-MESSAGES_SENT = Counter("sipcluster_worker_messages_sent", "SIP messages sent", ["transport"])
-MALFORMED = Counter("sipcluster_worker_malformed_messages", "Messages refused as malformed")
-FORWARDED = Counter(
-    "sipcluster_worker_handoff_forwarded", "Requests forwarded to the worker holding the call"
-)
-TRANSACTIONS = Gauge("sipcluster_worker_transactions", "Live SIP transactions")
-BINDINGS = Gauge("sipcluster_worker_bindings", "Bindings in the location cache")
 
 
 def _worker_id(settings: Settings) -> str:
@@ -154,6 +143,10 @@ class Worker:
         )
         self.users = UserStore(self.client, self.keys)
         self.locations = LocationStore(self.client, self.keys, clock=self.wall_clock)
+        self.metrics = WorkerMetrics(
+            transactions=lambda: self.layer.transaction_count,
+            bindings=lambda: self.locations.binding_count,
+        )
         await self.users.start()
         await self.locations.start()
         authenticator = (
@@ -344,7 +337,7 @@ class Worker:
             message = parse_message(data, datagram=inbound.transport == "udp")
             message.validate()
         except MessageError as error:
-            MALFORMED.inc()
+            self.metrics.malformed += 1
             answer = error_response(error)
             if answer is not None:
                 destination = peer
@@ -356,14 +349,14 @@ class Worker:
             return
         now = self.clock()
         if isinstance(message, Response):
-            MESSAGES_RECEIVED.labels("response", message.cseq.method).inc()
+            self.metrics.received["response", message.cseq.method] += 1
             self.layer.receive_response(message, peer, now)
             return
-        MESSAGES_RECEIVED.labels("request", message.method).inc()
+        self.metrics.received["request", message.method] += 1
         call_id = message.call_id.encode("utf-8", "surrogateescape")
         route = self.handoff.route(call_id, inbound.ring, inbound.hops)
         if route.decision is Decision.FORWARD and route.worker is not None:
-            FORWARDED.inc()
+            self.metrics.forwarded += 1
             forwarded = inbound._replace(hops=(*inbound.hops, self.id))
             self._send_to_worker(route.worker, forwarded.pack())
             return
@@ -386,9 +379,10 @@ class Worker:
         now = self.clock()
         while (event := layer.next_event()) is not None:
             self._dispatch(event, now)
+        sent = self.metrics.sent
         for outgoing in layer.messages_to_send():
             peer: Peer = outgoing.destination  # type: ignore[assignment]
-            MESSAGES_SENT.labels(peer.transport).inc()
+            sent[peer.transport] += 1
             envelope = Outbound(
                 peer.socket_id,
                 peer.transport,
@@ -398,7 +392,6 @@ class Worker:
                 outgoing.data,
             ).pack()
             self._outgoing.setdefault(peer.lb_id, []).append(envelope)
-        TRANSACTIONS.set(layer.transaction_count)
         self._schedule_flush()
         self._arm_timer()
 
