@@ -11,10 +11,10 @@ key                                     value
 ``<p>members/lb/<id>``                  a load balancer's record: its ZeroMQ inbox and
                                         its SIP sockets (JSON), under its own lease
 ``<p>bindings/<aor>/<binding id>``      one registered contact (msgpack), under the
-                                        shared lease of its expiry bucket
-``<p>aors/<aor>``                       the AoR's version counter: every change of the
-                                        AoR's bindings rewrites it, so a transaction
-                                        that compares its revision serializes writers
+                                        shared lease of its expiry bucket; writers of
+                                        one AoR serialize through compares on these
+                                        keys (each expected key's mod_revision, and
+                                        the AoR prefix's mod_revision < R + 1)
 ``<p>users/<user>@<domain>``            credentials: HA1 for MD5 and SHA-256 (JSON)
 ``<p>config/nonce-secret``              the cluster's nonce secret, created once
 ======================================  ==============================================
@@ -57,7 +57,6 @@ class KeyLayout:
         self.lbs = self.prefix + b"members/lb/"
         self.members = self.prefix + b"members/"
         self.bindings = self.prefix + b"bindings/"
-        self.aors = self.prefix + b"aors/"
         self.users = self.prefix + b"users/"
         self.nonce_secret = self.prefix + b"config/nonce-secret"
 
@@ -76,10 +75,6 @@ class KeyLayout:
     def aor_bindings(self, aor: str) -> bytes:
         """The prefix of every binding of ``aor``."""
         return self.bindings + _escape(aor) + b"/"
-
-    def aor(self, aor: str) -> bytes:
-        """The version key of ``aor``."""
-        return self.aors + _escape(aor)
 
     def user(self, user: str) -> bytes:
         """The credentials key of ``user`` (``name@domain``)."""

@@ -10,13 +10,14 @@ import aetcd
 
 from ._errors import StoreUnavailableError
 
-__all__ = ["MAX_TXN_OPERATIONS", "LeaseNotFoundError", "call", "response_revision"]
+__all__ = ["MAX_TXN_OPERATIONS", "LeaseNotFoundError", "call", "send_txn"]
 
 T = TypeVar("T")
 
 MAX_TXN_OPERATIONS = 128
-"""etcd's default --max-txn-ops: more operations (or compares) in one Txn are
-refused with "too many operations in txn request"."""
+"""etcd's default --max-txn-ops: a Txn whose compare, success or failure list
+holds more (each list is counted on its own) is refused with "too many
+operations in txn request"."""
 
 
 class LeaseNotFoundError(StoreUnavailableError):
@@ -46,7 +47,21 @@ async def call(awaitable: Awaitable[T], timeout: float | None) -> T:
         raise StoreUnavailableError(f"etcd: {error}") from error
 
 
-def response_revision(response: Any) -> int:
-    """The store revision of one operation's response inside a Txn response."""
-    kind = response.WhichOneof("response")
-    return int(getattr(response, kind).header.revision)
+async def send_txn(client: aetcd.Client, request: Any, timeout: float | None) -> Any:
+    """Send a ready-made ``etcdserverpb.TxnRequest`` (``aetcd.rpc.TxnRequest``) and
+    return etcd's ``TxnResponse`` as it is.
+
+    ``client.transaction`` builds the same request from one Python object per
+    compare and operation, converted one by one, and wraps every result in
+    another: about three times the CPU of filling the request's repeated fields
+    in place (measured: 6 us against 2 us for a compare pair, a put and a read).
+    Errors are aetcd's, as ``client.transaction`` raises them (wrap the call
+    in ``call``).  Relies on aetcd 1.0's ``kvstub``, ``metadata`` and
+    ``exceptions._handle_exception``.
+    """
+    await client.connect()
+    try:
+        return await client.kvstub.Txn(request, timeout=timeout, metadata=client.metadata)
+    except aetcd.rpc.AioRpcError as error:
+        aetcd.exceptions._handle_exception(error)
+        raise  # not reached: _handle_exception always raises

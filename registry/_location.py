@@ -3,51 +3,72 @@ in batched compare-and-swap transactions.
 
 Reading
 -------
-``LocationStore`` caches every binding and every AoR revision (the keys
-``bindings/`` and ``aors/`` of ``cluster/keys.py``, read and watched as one range)
-so that ``lookup`` and ``aor_state`` answer without I/O, also while etcd is
-unreachable.  A binding past its ``expires_at`` is never returned, whether or not
-its lease has deleted it yet.  ``fetch_aor_state`` reads one AoR from etcd itself,
-for a writer whose compare-and-swap found the cache behind.
+``LocationStore`` caches every binding (the keys ``bindings/<aor>/<binding id>``
+of ``cluster/keys.py``, read and watched as one range) so that ``lookup`` and
+``aor_state`` answer without I/O, also while etcd is unreachable.  A binding past
+its ``expires_at`` is never returned, whether or not its lease has deleted it
+yet.  ``fetch_aor_state`` reads one AoR from etcd itself, for a writer whose
+compare-and-swap found the cache behind.
+
+The cache keeps a binding another worker wrote as etcd delivered it (its msgpack
+value and mod_revision) and decodes it only when a reader asks for its AoR,
+replacing the raw entry by the decoded one: with N workers every binding written
+reaches N caches, and most are read rarely, if ever.  A value that does not decode
+is dropped then (and logged), as if the key were absent.
 
 Writing
 -------
-A change of one AoR (``AorChange``) names the AoR revision it was computed from,
-the bindings to put and the binding ids to delete.  ``commit`` applies it only if
-the AoR is still at that revision (the mod_revision of ``aors/<aor>``; 0, absent,
-is compared as version 0), and rewrites ``aors/<aor>`` in the same Txn so that the
-revision moves: two workers that computed changes from the same state cannot both
-succeed (the loser gets CONFLICT, re-reads and recomputes).
+A change of one AoR (``AorChange``) is computed from an ``AorState``: the AoR's
+bindings as of one etcd revision R, each with the mod_revision of its key.
+``commit`` writes it in one Txn only if the AoR is still as it was at R, which the
+Txn checks on the binding keys themselves:
+
+* for each binding of the state, ``mod_revision(key) == its mod_revision``: no
+  binding was changed or deleted since (a deleted key compares as 0);
+* ``mod_revision(bindings/<aor>/ .. its prefix end) < R + 1``: no binding was added
+  or changed after R (etcd applies a compare with a range end to every key in the
+  range; an empty range passes).
+
+The Txn then puts and deletes the change's bindings; there is no other key to
+write, so a registration costs one etcd write and one watch event per worker.
+Two workers that computed changes from the same state cannot both succeed: the
+first one moves a mod_revision (or adds a key) that the second one's compares
+check, and the loser gets CONFLICT, re-reads and recomputes.
 
 Changes are grouped into one Txn (group commit): a change waits at most
 ``batch_window`` seconds (10 ms by default; 0: until the end of the current
-event-loop pass) for others to join it, and a Txn leaves at once when 128
-operations (etcd's limit per Txn) are queued.  A Txn holds one compare per AoR
-and all the operations of its changes, and never two changes of one AoR (etcd
+event-loop pass) for others to join it, and a Txn leaves at once when it is
+full.  etcd takes at most 128 entries in each of a Txn's three lists; a change
+takes one compare per binding of its state plus one, one success operation per
+binding put or deleted, and one failure read, and a Txn is full when any of the
+three lists would overflow.  A Txn never holds two changes of one AoR (etcd
 refuses a Txn that writes a key twice: the second change waits for the first's
 outcome).  Up to ``max_in_flight`` Txns are outstanding at once, so that under
 heavy load throughput does not wait on one round trip; while they are, new
 changes queue up and leave together.
 
-Why a window: a Txn costs about 0.2 ms of this process's CPU (the gRPC call)
-and 0.5 ms of etcd's whatever its size, against some 70 us per change in it, so
-at moderate rates the batch size decides the cost.  Measured at 5,000 changes/s
-(``registry.benchmark``): no window, 10 changes per Txn, about one core
-in all; 10 ms, about 50 per Txn, about half a core.  The 10 ms this adds to a
-REGISTER's answer is nothing next to SIP's timers (T1 = 500 ms).
+Why a window: a Txn costs about 0.5 ms of this process's CPU (the gRPC call and
+the wake-ups around it) and 0.55 ms of etcd's whatever its size, against some
+60 us (this process, the benchmark's own work included) and 30 us (etcd) per
+change in it, so at moderate rates the batch size decides the cost.  Measured at
+5,000 changes/s (``python -m registry.benchmark``): no window, 8 changes per
+Txn, 1.1 cores in all; 10 ms, 54 per Txn, half a core.  The 10 ms this adds to
+a REGISTER's answer is nothing next to SIP's timers (T1 = 500 ms).
 
-When a Txn's compare fails, its failure branch reads the ``aors/`` key
-of every AoR in it, in the same round trip: the AoRs whose revision moved get
-CONFLICT, and the others are sent again without them.
-
-The ``aors/<aor>`` key carries the lease of the bucket after the latest expiry
-of the AoR's bindings, so it outlives them, and is deleted with the last binding:
-"absent" then means "no bindings", which a later writer compares as version 0.
+When a Txn's compares fail, its failure branch reads the binding keys (keys and
+mod_revisions only) of every AoR in it, in the same round trip: the AoRs whose
+compares fail on what was read get CONFLICT, and the others are sent again
+without them.
 
 After a commit the store applies the change to its own cache at once
-(write-through), so that the next REGISTER of the AoR on this worker sees it even
-before the watch event arrives; every cached key remembers the revision it was
-written at, and watch events not newer than that are skipped.
+(write-through, decoded bindings), so that the next REGISTER of the AoR on this
+worker sees it even before the watch event arrives; every cached key remembers
+the revision it was written at, and watch events not newer than that are skipped.
+A state is only as good as its revision R: it must hold every binding that
+existed at R, or a commit from it could pass its compares while ignoring one.
+The cache is complete as of the revision its watch reached; an AoR that this
+store's own commit changed is complete as of that commit's revision only when
+the change was computed from what the cache held (see ``_write_through``).
 """
 
 from __future__ import annotations
@@ -60,15 +81,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aetcd
+from aetcd import rpc
 
 from cluster.keys import KeyLayout, prefix_end
 
 from ._binding import Binding
 from ._errors import MalformedRecordError, StoreUnavailableError
-from ._etcd import MAX_TXN_OPERATIONS, LeaseNotFoundError, call, response_revision
+from ._etcd import MAX_TXN_OPERATIONS, LeaseNotFoundError, call, send_txn
 from ._leases import LeaseBuckets
 from ._watched import WatchedRange
 
@@ -84,6 +106,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_MOD = rpc.Compare.MOD
+_EQUAL = rpc.Compare.EQUAL
+_LESS = rpc.Compare.LESS
+
 
 class CommitOutcome(enum.Enum):
     """What became of a change."""
@@ -91,7 +117,8 @@ class CommitOutcome(enum.Enum):
     COMMITTED = "committed"
     """Written: durable in etcd."""
     CONFLICT = "conflict"
-    """Not written: the AoR had moved past the expected revision."""
+    """Not written: a binding of the AoR was added, changed or deleted since the
+    state the change was computed from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +128,8 @@ class CommitResult:
     outcome: CommitOutcome
     """Committed or conflict."""
     revision: int
-    """Committed: the etcd revision of the Txn, the AoR's new revision (0 when the
-    change removed the last binding).  Conflict: the AoR's revision found in etcd."""
+    """Committed: the etcd revision of the Txn (the AoR's state is known exactly
+    as of it).  Conflict: the etcd revision at which the AoR was found changed."""
 
     @property
     def committed(self) -> bool:
@@ -112,15 +139,27 @@ class CommitResult:
 
 @dataclass(frozen=True, slots=True)
 class AorState:
-    """The bindings of one AoR at one revision: what a change is computed from."""
+    """The bindings of one AoR as of one etcd revision: what a change is computed
+    from, and the compare-and-swap token its commit checks.
+
+    Raises ValueError when ``mod_revisions`` does not match ``bindings``.
+    """
 
     aor: str
     """The address-of-record."""
     revision: int
-    """The mod_revision of ``aors/<aor>``; 0 when the AoR has no bindings."""
+    """The etcd revision R the state reflects: it holds every binding of the AoR
+    that existed at R, and a commit from it fails if a binding was written after
+    R.  (0 with no bindings: the AoR must have none at all.)"""
     bindings: tuple[Binding, ...] = ()
     """Every stored binding, expired ones included (their leases may not have
     deleted them yet)."""
+    mod_revisions: tuple[int, ...] = ()
+    """The mod_revision of each binding's key, in the order of ``bindings``."""
+
+    def __post_init__(self) -> None:
+        if len(self.mod_revisions) != len(self.bindings):
+            raise ValueError("an AorState needs one mod_revision per binding")
 
     def active(self, now: float) -> list[Binding]:
         """The bindings that have not expired at ``now``."""
@@ -129,25 +168,32 @@ class AorState:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AorChange:
-    """A change of one AoR's bindings, applied only if the AoR is still at
-    ``expected_revision``."""
+    """A change of one AoR's bindings, applied only if the AoR is still as in the
+    state it was computed from (``plan_change`` fills the expectations in)."""
 
     aor: str
     """The address-of-record."""
     expected_revision: int
-    """The revision the change was computed from (``AorState.revision``)."""
+    """``AorState.revision`` of that state: no binding may have been written
+    after it."""
+    expected_bindings: tuple[tuple[str, int], ...] = ()
+    """(binding id, mod_revision) of every binding of that state: each must still
+    be there at that mod_revision."""
     put: tuple[Binding, ...] = ()
     """Bindings to write (new ones and refreshed ones)."""
     delete: tuple[str, ...] = ()
     """Binding ids to remove."""
-    keep_until: float | None = None
-    """The latest ``expires_at`` among the AoR's bindings after the change; None
-    when none remain (the AoR key is then deleted)."""
 
     @property
     def operations(self) -> int:
-        """The Txn operations the change takes (its puts, deletes and the AoR key)."""
-        return len(self.put) + len(self.delete) + 1
+        """The Txn operations the change takes (its puts and deletes)."""
+        return len(self.put) + len(self.delete)
+
+    @property
+    def compares(self) -> int:
+        """The Txn compares the change takes (one per expected binding, one for
+        the AoR's key range)."""
+        return len(self.expected_bindings) + 1
 
 
 def plan_change(state: AorState, bindings: Iterable[Binding]) -> AorChange:
@@ -161,11 +207,11 @@ def plan_change(state: AorState, bindings: Iterable[Binding]) -> AorChange:
     return AorChange(
         aor=state.aor,
         expected_revision=state.revision,
+        expected_bindings=tuple(zip(stored, state.mod_revisions, strict=True)),
         put=tuple(
             binding for binding_id, binding in wanted.items() if stored.get(binding_id) != binding
         ),
         delete=tuple(binding_id for binding_id in stored if binding_id not in wanted),
-        keep_until=max((binding.expires_at for binding in wanted.values()), default=None),
     )
 
 
@@ -180,11 +226,13 @@ class CommitStatistics:
     conflicts: int = 0
     """Changes answered CONFLICT."""
     operations: int = 0
-    """Operations in the Txns sent."""
+    """Operations (puts and deletes) in the Txns sent."""
     failed_compares: int = 0
-    """Txns whose compare failed (and were split)."""
+    """Txns whose compares failed (and were split)."""
     largest_transaction: int = 0
     """The most operations sent in one Txn."""
+    most_compares: int = 0
+    """The most compares sent in one Txn."""
 
 
 @dataclass(slots=True)
@@ -192,8 +240,16 @@ class _Pending:
     change: AorChange
     future: asyncio.Future[CommitResult]
     queued_at: float
+    operations: int
+    compares: int
+    prefix: bytes = b""
     encoded: list[bytes] = field(default_factory=list)
     put_keys: list[bytes] = field(default_factory=list)
+
+
+# A cache entry: the binding (or, until it is read, its stored value) and the
+# mod_revision of its key.
+_Entry = tuple[Binding | bytes, int]
 
 
 class LocationStore(WatchedRange):
@@ -216,9 +272,7 @@ class LocationStore(WatchedRange):
         batch_window: float = 0.010,
         request_timeout: float = 5.0,
     ) -> None:
-        # aors/ and bindings/ are read and watched as one range; keys between
-        # them that are neither are ignored.
-        super().__init__(client, keys.aors, prefix_end(keys.bindings), name="location")
+        super().__init__(client, keys.bindings, prefix_end(keys.bindings), name="location")
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.keys = keys
@@ -230,33 +284,32 @@ class LocationStore(WatchedRange):
         self.leases = LeaseBuckets(
             client, clock=clock, bucket_seconds=bucket_seconds, margin=lease_margin
         )
-        # The cache: aor -> binding id -> (binding, mod_revision).
-        self._bindings: dict[str, dict[str, tuple[Binding, int]]] = {}
-        # aors/<aor> key -> its mod_revision.
-        self._aor_revisions: dict[bytes, int] = {}
-        # Keys this store deleted (write-through) -> the revision of the delete,
-        # until the watch passes it: an older put arriving later must not revive
-        # the key.
+        # The cache: aor -> binding id -> (binding or raw value, mod_revision).
+        self._bindings: dict[str, dict[str, _Entry]] = {}
+        # Binding keys this store deleted (write-through) -> the revision of the
+        # delete, until the watch passes it: an older put arriving later must not
+        # revive the key.
         self._tombstones: dict[bytes, int] = {}
         self._tombstone_order: deque[tuple[int, bytes]] = deque()
-        # The commit queue.
+        # AoRs whose entries a write-through made exact as of a revision the
+        # watch has not reached yet -> that revision (see _write_through).
+        self._exact_ahead: dict[str, int] = {}
+        self._exact_ahead_order: deque[tuple[int, str]] = deque()
+        # The commit queue, and what its changes take of each list of a Txn.
         self._queue: deque[_Pending] = deque()
         self._queued_operations = 0
+        self._queued_compares = 0
         self._busy: set[str] = set()
         self._in_flight = 0
         self._dispatch_handle: asyncio.Handle | None = None
         self._batch_tasks: set[asyncio.Task[None]] = set()
-        # Binding keys in Txns in flight -> (value, binding): the watch event of
-        # our own write often arrives before the Txn's reply, and then needs no
-        # decoding.
-        self._in_flight_puts: dict[bytes, tuple[bytes, Binding]] = {}
 
     # ================================================================ reading
 
     def lookup(self, aor: str) -> list[Binding]:
         """The active bindings of ``aor`` (canonical ``user@domain``), highest q
         first (no q counts as 1.0), then the most recently registered.  No I/O."""
-        entries = self._bindings.get(aor)
+        entries = self._read(aor)
         if not entries:
             return []
         now = self.clock()
@@ -267,82 +320,103 @@ class LocationStore(WatchedRange):
     def aor_state(self, aor: str) -> AorState:
         """The cached state of ``aor`` for computing a change.  No I/O; may lag
         behind etcd (a commit from it then gets CONFLICT)."""
-        entries = self._bindings.get(aor)
-        return AorState(
-            aor,
-            self._aor_revisions.get(self.keys.aor(aor), 0),
-            tuple(binding for binding, _ in entries.values()) if entries else (),
-        )
+        entries = self._read(aor)
+        revision = self.revision
+        if self._exact_ahead:
+            # This store's own commit, at a revision the watch has not reached
+            # yet, made the AoR's entries exact as of that revision.
+            ahead = self._exact_ahead.get(aor)
+            if ahead is not None and ahead > revision:
+                revision = ahead
+        if not entries:
+            return AorState(aor, revision)
+        bindings = []
+        mod_revisions = []
+        for binding, mod_revision in entries.values():
+            bindings.append(binding)
+            mod_revisions.append(mod_revision)
+        return AorState(aor, revision, tuple(bindings), tuple(mod_revisions))
 
     async def fetch_aor_state(self, aor: str) -> AorState:
-        """Read the state of ``aor`` from etcd (one linearizable Txn of two range
-        reads).  Raises StoreUnavailableError."""
-        transactions = self.client.transactions
+        """Read the state of ``aor`` from etcd (one linearizable range read).
+        Raises StoreUnavailableError."""
         prefix = self.keys.aor_bindings(aor)
-        _, responses = await call(
-            self.client.transaction(
-                compare=[],
-                success=[
-                    transactions.get(self.keys.aor(aor)),
-                    transactions.get(prefix, prefix_end(prefix)),
-                ],
-                failure=[],
-            ),
-            self.request_timeout,
+        response = await call(
+            self.client.get_range(prefix, prefix_end(prefix)), self.request_timeout
         )
-        aor_values, binding_values = responses
-        revision = aor_values[0][1].mod_revision if aor_values else 0
         bindings = []
-        for value, metadata in binding_values:
-            binding = self._decode(metadata.key, value)
+        mod_revisions = []
+        start = len(prefix)
+        for kv in response.kvs:
+            binding = self._decode(aor, kv.key[start:].decode(errors="replace"), kv.value)
             if binding is not None:
                 bindings.append(binding)
-        return AorState(aor, revision, tuple(bindings))
+                mod_revisions.append(kv.mod_revision)
+        return AorState(aor, response.header.revision, tuple(bindings), tuple(mod_revisions))
 
     @property
     def binding_count(self) -> int:
-        """How many bindings the cache holds (expired ones included)."""
+        """How many bindings the cache holds (expired ones included, and values
+        not decoded yet, which may turn out malformed)."""
         return sum(len(entries) for entries in self._bindings.values())
 
-    def _decode(self, key: bytes, value: bytes) -> Binding | None:
+    def _read(self, aor: str) -> dict[str, tuple[Binding, int]] | None:
+        """The cache entries of ``aor``, every one decoded."""
+        entries = self._bindings.get(aor)
+        if entries is None:
+            return None
+        for value, _ in entries.values():
+            if value.__class__ is bytes:
+                return self._decode_entries(aor, entries)
+        return cast(dict[str, tuple[Binding, int]], entries)
+
+    def _decode_entries(
+        self, aor: str, entries: dict[str, _Entry]
+    ) -> dict[str, tuple[Binding, int]] | None:
+        # Each raw value is decoded once and replaced: by the binding, or, when
+        # it is malformed, by nothing.
+        for binding_id, (value, mod_revision) in list(entries.items()):
+            if isinstance(value, bytes):
+                binding = self._decode(aor, binding_id, value)
+                if binding is None:
+                    del entries[binding_id]
+                else:
+                    entries[binding_id] = (binding, mod_revision)
+        if not entries:
+            del self._bindings[aor]
+            return None
+        return cast(dict[str, tuple[Binding, int]], entries)
+
+    def _decode(self, aor: str, binding_id: str, value: bytes) -> Binding | None:
         try:
-            aor, binding_id = self.keys.split_binding(key)
             binding = Binding.decode(value)
         except (MalformedRecordError, ValueError) as error:
-            log.warning("ignoring a malformed binding at %r: %s", key, error)
+            log.warning("ignoring a malformed binding %s of %s: %s", binding_id, aor, error)
             return None
         if binding.aor != aor or binding.binding_id != binding_id:
-            log.warning("ignoring a binding stored under the wrong key %r", key)
+            log.warning("ignoring a binding stored under the wrong key: %s of %s", binding_id, aor)
             return None
         return binding
 
     # ------------------------------------------------------------ cache upkeep
 
     def _reset(self, kvs: list[Any], revision: int) -> None:
-        bindings: dict[str, dict[str, tuple[Binding, int]]] = {}
-        aor_revisions: dict[bytes, int] = {}
-        aors_prefix = self.keys.aors
-        bindings_prefix = self.keys.bindings
+        bindings: dict[str, dict[str, _Entry]] = {}
+        split_binding = self.keys.split_binding
         for kv in kvs:
-            key = kv.key
-            if key.startswith(aors_prefix):
-                aor_revisions[key] = kv.mod_revision
-            elif key.startswith(bindings_prefix):
-                binding = self._decode(key, kv.value)
-                if binding is not None:
-                    bindings.setdefault(binding.aor, {})[binding.binding_id] = (
-                        binding,
-                        kv.mod_revision,
-                    )
+            try:
+                aor, binding_id = split_binding(kv.key)
+            except ValueError:
+                continue
+            entries = bindings.get(aor)
+            if entries is None:
+                entries = bindings[aor] = {}
+            entries[binding_id] = (kv.value, kv.mod_revision)
         self._bindings = bindings
-        self._aor_revisions = aor_revisions
         self._tombstones.clear()
         self._tombstone_order.clear()
-
-    def _floor(self, key: bytes, cached: int) -> int:
-        """The revision an event for ``key`` must exceed to be applied."""
-        tombstone = self._tombstones.get(key)
-        return cached if tombstone is None or tombstone < cached else tombstone
+        self._exact_ahead.clear()
+        self._exact_ahead_order.clear()
 
     def _prune_tombstones(self, revision: int) -> None:
         order = self._tombstone_order
@@ -354,44 +428,25 @@ class LocationStore(WatchedRange):
     def _apply_put(self, key: bytes, value: bytes, revision: int) -> None:
         if self._tombstone_order:
             self._prune_tombstones(revision - 1)
-        if key.startswith(self.keys.aors):
-            if revision > self._floor(key, self._aor_revisions.get(key, 0)):
-                self._aor_revisions[key] = revision
-            return
-        if not key.startswith(self.keys.bindings):
-            return
-        ours = self._in_flight_puts.get(key)
-        if ours is not None and ours[0] == value:
-            aor, binding_id = ours[1].aor, ours[1].binding_id
-        else:
-            ours = None
-            try:
-                aor, binding_id = self.keys.split_binding(key)
-            except ValueError:
+            tombstone = self._tombstones.get(key)
+            if tombstone is not None and revision <= tombstone:
                 return
+        try:
+            aor, binding_id = self.keys.split_binding(key)
+        except ValueError:
+            return
         entries = self._bindings.get(aor)
-        current = entries.get(binding_id) if entries else None
-        if revision <= self._floor(key, current[1] if current else 0):
+        if entries is None:
+            # Kept as it came: decoded when its AoR is read (if ever).
+            self._bindings[aor] = {binding_id: (value, revision)}
             return
-        binding = ours[1] if ours is not None else self._decode(key, value)
-        if binding is None:
-            # The key now holds something we cannot read: the old binding is gone.
-            if entries is not None and current is not None:
-                del entries[binding_id]
-                if not entries:
-                    del self._bindings[aor]
-            return
-        self._bindings.setdefault(aor, {})[binding_id] = (binding, revision)
+        current = entries.get(binding_id)
+        if current is None or current[1] < revision:
+            entries[binding_id] = (value, revision)
 
     def _apply_delete(self, key: bytes, revision: int) -> None:
         if self._tombstone_order:
             self._prune_tombstones(revision - 1)
-        if key.startswith(self.keys.aors):
-            if revision > self._floor(key, self._aor_revisions.get(key, 0)):
-                self._aor_revisions.pop(key, None)
-            return
-        if not key.startswith(self.keys.bindings):
-            return
         try:
             aor, binding_id = self.keys.split_binding(key)
         except ValueError:
@@ -404,37 +459,60 @@ class LocationStore(WatchedRange):
         if not entries:
             del self._bindings[aor]
 
-    def _write_through(self, change: AorChange, revision: int) -> None:
-        """Apply a committed change to the cache at ``revision``."""
+    def _write_through(self, pending: _Pending, revision: int) -> None:
+        """Apply a committed change to the cache at ``revision``.
+
+        The Txn succeeded, so just before it etcd held exactly the bindings the
+        change expected (given a state that was complete as of its revision, as
+        ``aor_state`` and ``fetch_aor_state`` give).  When the cache held just
+        those as well, it now holds the AoR exactly as of ``revision``, and
+        ``aor_state`` says so even before the watch gets there.  Otherwise (the
+        change was computed from etcd because the cache lagged) the cache may
+        still miss bindings written meanwhile: its state stays at the watch's
+        revision, where the bindings this commit wrote fail the range compare,
+        until the watch has caught up.
+        """
+        change = pending.change
+        aor = change.aor
+        entries = self._bindings.get(aor)
+        exact_ahead = self._exact_ahead
+        if exact_ahead:
+            order = self._exact_ahead_order
+            while order and order[0][0] <= self.revision:
+                ahead, ahead_aor = order.popleft()
+                if exact_ahead.get(ahead_aor) == ahead:
+                    del exact_ahead[ahead_aor]
         if revision <= self.revision:
             # The watch (or a full read) already brought this revision and maybe
             # later ones: applying it again could revive a key deleted since.
+            # Only swap the raw values of this very write for their bindings.
+            if entries:
+                for binding in change.put:
+                    current = entries.get(binding.binding_id)
+                    if current is not None and current[1] == revision:
+                        entries[binding.binding_id] = (binding, revision)
             return
-        aor = change.aor
-        keys = self.keys
-        entries = self._bindings.setdefault(aor, {})
+        if _holds_exactly(entries, change.expected_bindings):
+            exact_ahead[aor] = revision
+            self._exact_ahead_order.append((revision, aor))
+        else:
+            exact_ahead.pop(aor, None)
+        if entries is None:
+            entries = self._bindings[aor] = {}
         for binding in change.put:
             current = entries.get(binding.binding_id)
-            if current is None or current[1] < revision:
+            if current is None or current[1] <= revision:
                 entries[binding.binding_id] = (binding, revision)
+        prefix = pending.prefix
         for binding_id in change.delete:
             current = entries.get(binding_id)
             if current is not None and current[1] < revision:
                 del entries[binding_id]
-            self._add_tombstone(keys.binding(aor, binding_id), revision)
+            self._add_tombstone(prefix + binding_id.encode(), revision)
         if not entries:
             del self._bindings[aor]
-        aor_key = keys.aor(aor)
-        if self._aor_revisions.get(aor_key, 0) < revision:
-            if change.keep_until is None:
-                self._aor_revisions.pop(aor_key, None)
-                self._add_tombstone(aor_key, revision)
-            else:
-                self._aor_revisions[aor_key] = revision
 
     def _add_tombstone(self, key: bytes, revision: int) -> None:
-        if revision <= self.revision:
-            return  # the watch already passed the delete
         if self._tombstones.get(key, 0) < revision:
             self._tombstones[key] = revision
             self._tombstone_order.append((revision, key))
@@ -442,27 +520,37 @@ class LocationStore(WatchedRange):
     # ================================================================ writing
 
     async def commit(self, change: AorChange) -> CommitResult:
-        """Apply ``change`` if its AoR is still at ``change.expected_revision``.
+        """Apply ``change`` if its AoR is still as in the state it was computed
+        from (no binding added, changed or deleted since).
 
-        Returns COMMITTED (durable in etcd) with the new revision, or CONFLICT.
+        Returns COMMITTED (durable in etcd) with the Txn's revision, or CONFLICT.
         Raises StoreUnavailableError when etcd cannot be reached or does not answer
         (nothing of the change is written, or, after a timeout, it is unknown
         whether all of it was); ValueError when the change is not well-formed
-        (more operations than one Txn takes, a binding id twice, a binding of
-        another AoR).
+        (more operations or compares than one Txn takes, a binding id twice, a
+        binding of another AoR).
         """
         _check_change(change)
         loop = asyncio.get_running_loop()
-        pending = _Pending(change, loop.create_future(), loop.time())
+        pending = _Pending(
+            change, loop.create_future(), loop.time(), change.operations, change.compares
+        )
         self._queue.append(pending)
-        self._queued_operations += change.operations
+        self._queued_operations += pending.operations
+        self._queued_compares += pending.compares
         self._schedule(loop)
         return await pending.future
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._in_flight >= self.max_in_flight or not self._queue:
             return
-        full = self._queued_operations >= MAX_TXN_OPERATIONS
+        # Full: one of the Txn's three lists (compares, operations, one failure
+        # read per change) is.
+        full = (
+            self._queued_operations >= MAX_TXN_OPERATIONS
+            or self._queued_compares >= MAX_TXN_OPERATIONS
+            or len(self._queue) >= MAX_TXN_OPERATIONS
+        )
         handle = self._dispatch_handle
         if handle is not None:
             if full and isinstance(handle, asyncio.TimerHandle):
@@ -491,6 +579,7 @@ class LocationStore(WatchedRange):
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
         operations = 0
+        compares = 0
         in_batch: set[str] = set()
         kept: deque[_Pending] = deque()
         queue = self._queue
@@ -498,23 +587,30 @@ class LocationStore(WatchedRange):
             pending = queue.popleft()
             change = pending.change
             if pending.future.done():  # the caller gave up
-                self._queued_operations -= change.operations
+                self._queued_operations -= pending.operations
+                self._queued_compares -= pending.compares
                 continue
             if change.aor in self._busy or change.aor in in_batch:
                 # One change per AoR per Txn (etcd refuses a key written twice);
                 # the later one waits for the earlier one's outcome.
                 kept.append(pending)
                 continue
-            if operations + change.operations > MAX_TXN_OPERATIONS:
+            if (
+                operations + pending.operations > MAX_TXN_OPERATIONS
+                or compares + pending.compares > MAX_TXN_OPERATIONS
+                or len(batch) == MAX_TXN_OPERATIONS  # one failure read each
+            ):
                 kept.append(pending)
                 kept.extend(queue)
                 queue.clear()
                 break
             batch.append(pending)
-            operations += change.operations
+            operations += pending.operations
+            compares += pending.compares
             in_batch.add(change.aor)
         self._queue = kept
         self._queued_operations -= operations
+        self._queued_compares -= compares
         self._busy |= in_batch
         return batch
 
@@ -529,28 +625,26 @@ class LocationStore(WatchedRange):
                     pending.future.set_exception(error)
         finally:
             self._in_flight -= 1
-            in_flight_puts = self._in_flight_puts
             for pending in batch:
                 self._busy.discard(pending.change.aor)
-                for key in pending.put_keys:
-                    in_flight_puts.pop(key, None)
             if self._queue:
                 self._schedule(asyncio.get_running_loop())
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         remaining = [pending for pending in batch if not pending.future.done()]
         lease_retried = False
+        statistics = self.statistics
         while remaining:
             await call(self.leases.ensure(self._buckets(remaining)), self.request_timeout)
-            compare, success, failure = self._build_txn(remaining)
-            statistics = self.statistics
+            request = self._build_txn(remaining)
             statistics.transactions += 1
-            statistics.operations += len(success)
-            statistics.largest_transaction = max(statistics.largest_transaction, len(success))
+            operations = len(request.success)
+            statistics.operations += operations
+            statistics.largest_transaction = max(statistics.largest_transaction, operations)
+            statistics.most_compares = max(statistics.most_compares, len(request.compare))
             try:
-                succeeded, responses = await call(
-                    self.client.transaction(compare=compare, success=success, failure=failure),
-                    self.request_timeout,
+                response = await call(
+                    send_txn(self.client, request, self.request_timeout), self.request_timeout
                 )
             except LeaseNotFoundError:
                 # A cached lease is gone (etcd restored, or revoked by hand).
@@ -559,80 +653,86 @@ class LocationStore(WatchedRange):
                 lease_retried = True
                 self.leases.forget()
                 continue
-            if succeeded:
-                revision = response_revision(responses[0])
+            revision = response.header.revision
+            if response.succeeded:
                 statistics.changes += len(remaining)
                 for pending in remaining:
-                    self._write_through(pending.change, revision)
+                    self._write_through(pending, revision)
                     if not pending.future.done():
                         pending.future.set_result(CommitResult(CommitOutcome.COMMITTED, revision))
                 return
-            # The failure branch read every AoR key: those that moved conflict.
+            # The failure branch read every AoR's binding keys: the changes whose
+            # compares fail on them conflict.
             statistics.failed_compares += 1
             still: list[_Pending] = []
-            for pending, found in zip(remaining, responses, strict=True):
-                current = found[0][1].mod_revision if found else 0
-                if current == pending.change.expected_revision:
+            for pending, found in zip(remaining, response.responses, strict=True):
+                if _compares_hold(pending, found.response_range.kvs):
                     still.append(pending)
                 else:
                     statistics.conflicts += 1
                     if not pending.future.done():
-                        pending.future.set_result(CommitResult(CommitOutcome.CONFLICT, current))
+                        pending.future.set_result(CommitResult(CommitOutcome.CONFLICT, revision))
             if len(still) == len(remaining):
                 # Cannot happen (the reads run atomically with the compares);
                 # never loop on it.
                 for pending in still:
                     statistics.conflicts += 1
                     if not pending.future.done():
-                        pending.future.set_result(CommitResult(CommitOutcome.CONFLICT, 0))
+                        pending.future.set_result(CommitResult(CommitOutcome.CONFLICT, revision))
                 return
             remaining = [pending for pending in still if not pending.future.done()]
 
     def _buckets(self, batch: list[_Pending]) -> set[int]:
         bucket_of = self.leases.bucket_of
-        buckets = set()
-        for pending in batch:
-            change = pending.change
-            for binding in change.put:
-                buckets.add(bucket_of(binding.expires_at))
-            if change.keep_until is not None:
-                buckets.add(bucket_of(change.keep_until) + 1)
-        return buckets
+        return {
+            bucket_of(binding.expires_at) for pending in batch for binding in pending.change.put
+        }
 
-    def _build_txn(self, batch: list[_Pending]) -> tuple[list[Any], list[Any], list[Any]]:
-        transactions = self.client.transactions
-        put = transactions.put
-        delete = transactions.delete
+    def _build_txn(self, batch: list[_Pending]) -> Any:
+        # The TxnRequest is filled in place (see send_txn): no Python object per
+        # compare or operation.
+        request = rpc.TxnRequest()
+        add_compare = request.compare.add
+        add_success = request.success.add
+        add_failure = request.failure.add
         keys = self.keys
         lease_of = self.leases.lease_of
         bucket_of = self.leases.bucket_of
-        compare: list[Any] = []
-        success: list[Any] = []
-        failure: list[Any] = []
         for pending in batch:
             change = pending.change
-            aor = change.aor
-            aor_key = keys.aor(aor)
-            if change.expected_revision == 0:
-                compare.append(transactions.version(aor_key) == 0)
-            else:
-                compare.append(transactions.mod(aor_key) == change.expected_revision)
-            if not pending.encoded:
+            prefix = pending.prefix
+            if not prefix:
+                # The key of a binding is its AoR's prefix and its id.
+                prefix = pending.prefix = keys.aor_bindings(change.aor)
                 pending.encoded = [binding.encode() for binding in change.put]
-                pending.put_keys = [keys.binding(aor, binding.binding_id) for binding in change.put]
+                pending.put_keys = [prefix + binding.binding_id.encode() for binding in change.put]
+            end = prefix_end(prefix)
+            for binding_id, mod_revision in change.expected_bindings:
+                compare = add_compare()
+                compare.key = prefix + binding_id.encode()
+                compare.target = _MOD
+                compare.result = _EQUAL
+                compare.mod_revision = mod_revision
+            compare = add_compare()
+            compare.key = prefix
+            compare.range_end = end
+            compare.target = _MOD
+            compare.result = _LESS
+            compare.mod_revision = change.expected_revision + 1
             for binding, key, value in zip(
                 change.put, pending.put_keys, pending.encoded, strict=True
             ):
-                success.append(put(key, value, lease=lease_of(bucket_of(binding.expires_at))))
-                self._in_flight_puts[key] = (value, binding)
+                put = add_success().request_put
+                put.key = key
+                put.value = value
+                put.lease = lease_of(bucket_of(binding.expires_at))
             for binding_id in change.delete:
-                success.append(delete(keys.binding(aor, binding_id)))
-            if change.keep_until is None:
-                success.append(delete(aor_key))
-            else:
-                success.append(put(aor_key, b"", lease=lease_of(bucket_of(change.keep_until) + 1)))
-            failure.append(transactions.get(aor_key))
-        return compare, success, failure
+                add_success().request_delete_range.key = prefix + binding_id.encode()
+            read = add_failure().request_range
+            read.key = prefix
+            read.range_end = end
+            read.keys_only = True
+        return request
 
     async def stop(self) -> None:
         """Stop following etcd; commits in flight are left to finish."""
@@ -641,25 +741,54 @@ class LocationStore(WatchedRange):
             await asyncio.gather(*self._batch_tasks, return_exceptions=True)
 
 
+def _holds_exactly(
+    entries: dict[str, _Entry] | None, expected: tuple[tuple[str, int], ...]
+) -> bool:
+    """Whether the cache ``entries`` of an AoR are the bindings ``expected``
+    (binding id, mod_revision), no more, no fewer."""
+    if not entries:
+        return not expected
+    if len(entries) != len(expected):
+        return False
+    for binding_id, mod_revision in expected:
+        entry = entries.get(binding_id)
+        if entry is None or entry[1] != mod_revision:
+            return False
+    return True
+
+
+def _compares_hold(pending: _Pending, kvs: Iterable[Any]) -> bool:
+    """Whether the compares of ``pending`` hold on the keys etcd holds (``kvs``
+    of its AoR's range: keys and mod_revisions)."""
+    change = pending.change
+    found = {kv.key: kv.mod_revision for kv in kvs}
+    limit = change.expected_revision
+    if any(mod_revision > limit for mod_revision in found.values()):
+        return False
+    prefix = pending.prefix
+    return all(
+        found.get(prefix + binding_id.encode(), 0) == mod_revision
+        for binding_id, mod_revision in change.expected_bindings
+    )
+
+
 def _preference(binding: Binding) -> tuple[float, float]:
     return (-(binding.q if binding.q is not None else 1.0), -binding.registered_at)
 
 
 def _check_change(change: AorChange) -> None:
-    if change.operations > MAX_TXN_OPERATIONS:
+    if change.operations > MAX_TXN_OPERATIONS or change.compares > MAX_TXN_OPERATIONS:
         raise ValueError(
-            f"a change of {change.operations} operations does not fit in one Txn "
-            f"({MAX_TXN_OPERATIONS} at most)"
+            f"a change of {change.operations} operations and {change.compares} compares "
+            f"does not fit in one Txn ({MAX_TXN_OPERATIONS} of each at most)"
         )
     binding_ids = [binding.binding_id for binding in change.put]
     binding_ids.extend(change.delete)
     if len(set(binding_ids)) != len(binding_ids):
         raise ValueError(f"a change of {change.aor} names a binding twice")
+    expected = [binding_id for binding_id, _ in change.expected_bindings]
+    if len(set(expected)) != len(expected):
+        raise ValueError(f"a change of {change.aor} expects a binding twice")
     for binding in change.put:
         if binding.aor != change.aor:
             raise ValueError(f"a change of {change.aor} holds a binding of {binding.aor}")
-    if change.put and (
-        change.keep_until is None
-        or change.keep_until < max(binding.expires_at for binding in change.put)
-    ):
-        raise ValueError("keep_until must cover the latest expiry of the bindings put")

@@ -3,13 +3,12 @@
 The cache reads the whole range once, then follows a watch from the revision
 after that read.  When the watch breaks it resumes from the revision after the
 last event it applied; when that revision was compacted away (etcd answers
-``compact_revision``, aetcd raises RevisionCompactedError) it reads the whole range
-again and starts over.  While etcd is unreachable the cache keeps what it has, so
-readers go on answering from it.
+``compact_revision``) it reads the whole range again and starts over.  While etcd
+is unreachable the cache keeps what it has, so readers go on answering from it.
 
 Events of one etcd revision (one Txn) reach the cache in one watch response and
-are applied without yielding to the event loop in between, so a reader never sees
-half a transaction.
+are applied without yielding to the event loop in between, and the cache's
+revision moves once they all are, so a reader never sees half a transaction.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import logging
 from typing import Any
 
 import aetcd
+from aetcd import rpc
 
 from ._errors import StoreUnavailableError
 
@@ -81,10 +81,16 @@ class WatchedRange:
         """Stop following; the cache keeps its content."""
         task = self._task
         self._task = None
-        if task is not None:
+        if task is None:
+            return
+        # Python 3.11's asyncio.wait_for (aetcd awaits the watch's creation with
+        # it) swallows a cancellation that arrives as the awaited call completes,
+        # and the follower then goes on watching: cancel until it has ended.
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait([task], timeout=0.5)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def wait_for_revision(self, revision: int, timeout: float | None = None) -> None:
         """Wait until the cache reflects etcd revision ``revision`` (or later).
@@ -174,19 +180,42 @@ class WatchedRange:
         self.ready.set()
 
     async def _follow(self) -> None:
-        watch = await self.client.watch(
-            self._range_start, range_end=self._range_end, start_revision=self.revision + 1
-        )
-        delete = aetcd.rtypes.EventKind.DELETE
+        # The watch stream is read straight from gRPC: aetcd's client.watch turns
+        # every event into two Python objects and passes it through a callback,
+        # a queue and two generators, which costs more than applying it, and
+        # every worker pays that for every binding written in the cluster.
+        client = self.client
+        await client.connect()
+        stream = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
+        delete = rpc.Event.DELETE
+        apply_put = self._apply_put
+        apply_delete = self._apply_delete
         try:
-            async for event in watch:
-                kv = event.kv
-                revision = kv.mod_revision
-                if event.kind == delete:
-                    self._apply_delete(kv.key, revision)
-                else:
-                    self._apply_put(kv.key, kv.value, revision)
-                self._advance(revision)
+            await stream.write(
+                rpc.WatchRequest(
+                    create_request=rpc.WatchCreateRequest(
+                        key=self._range_start,
+                        range_end=self._range_end,
+                        start_revision=self.revision + 1,
+                    )
+                )
+            )
+            async for response in stream:
+                if response.compact_revision:
+                    raise aetcd.exceptions.RevisionCompactedError(response.compact_revision)
+                if response.canceled:
+                    log.info("%s watch canceled by etcd: %s", self._name, response.cancel_reason)
+                    return
+                events = response.events
+                if not events:
+                    continue  # the watch's creation, or a progress notification
+                # Whole revisions: applied together, then the revision moves once.
+                for event in events:
+                    kv = event.kv
+                    if event.type == delete:
+                        apply_delete(kv.key, kv.mod_revision)
+                    else:
+                        apply_put(kv.key, kv.value, kv.mod_revision)
+                self._advance(events[-1].kv.mod_revision)
         finally:
-            with contextlib.suppress(Exception):
-                await watch.cancel()
+            stream.cancel()

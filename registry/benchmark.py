@@ -1,18 +1,31 @@
-"""A benchmark of the location service's commit path, for ``loadtest/`` to call.
+"""A benchmark of the location service's commit path.
 
 ``run_commit_benchmark`` drives one ``LocationStore`` the way a busy worker
-does: ``concurrency`` registrations outstanding at any time, each reading its
-AoR's state from the cache, planning a change and committing it, and measures
-commits per second and CPU per commit of this process and, given its pid, of
-etcd.  Nothing here prints.
+does: ``concurrency`` registrations outstanding at any time (or arriving at a
+fixed rate), each reading its AoR's state from the cache, planning a change and
+committing it, and measures commits per second and CPU per commit of this
+process and, given its pid, of etcd.  ``followers`` other processes each follow
+the location range with a ``LocationStore`` of their own, as the other workers of
+a node do (they only watch: nobody looks their bindings up), and their CPU per
+commit is measured too.
+
+``python -m registry.benchmark`` starts a local etcd (``cluster.etcd``) in a
+temporary directory and prints one line per run: a fixed rate, then a closed
+loop at peak.  It is the only part of ``registry`` that prints.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import multiprocessing
 import os
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 import aetcd
 
@@ -22,7 +35,7 @@ from worker.transport import Peer
 from ._binding import Binding
 from ._location import LocationStore, plan_change
 
-__all__ = ["CommitBenchmark", "run_commit_benchmark"]
+__all__ = ["CommitBenchmark", "main", "run_commit_benchmark"]
 
 _PEER = Peer("lb-bench", 0, "udp", "198.51.100.1", 5060, None)
 
@@ -43,6 +56,9 @@ class CommitBenchmark:
     """Txns sent."""
     conflicts: int
     """Changes answered CONFLICT (none expected: every AoR has one writer)."""
+    follower_cpu_seconds: tuple[float, ...] = ()
+    """CPU of each follower process during the run (until its cache reached the
+    last commit)."""
 
     @property
     def commits_per_second(self) -> float:
@@ -60,6 +76,14 @@ class CommitBenchmark:
         if self.etcd_cpu_seconds is None:
             return None
         return 1e6 * self.etcd_cpu_seconds / max(self.commits, 1)
+
+    @property
+    def follower_cpu_per_commit_us(self) -> float | None:
+        """The mean CPU per commit of one follower, in microseconds."""
+        if not self.follower_cpu_seconds:
+            return None
+        mean = sum(self.follower_cpu_seconds) / len(self.follower_cpu_seconds)
+        return 1e6 * mean / max(self.commits, 1)
 
     @property
     def changes_per_transaction(self) -> float:
@@ -86,6 +110,8 @@ async def run_commit_benchmark(
     max_in_flight: int = 4,
     batch_window: float = 0.010,
     rate: float | None = None,
+    followers: int = 0,
+    etcd_url: str | None = None,
 ) -> CommitBenchmark:
     """Commit ``registrations`` single-binding changes over ``aors`` AoRs through
     one LocationStore, and measure.
@@ -95,14 +121,34 @@ async def run_commit_benchmark(
     per second (in groups every millisecond, as a worker's message loop hands
     them over), however long they take.  Each reads its AoR's state from the
     cache and writes one binding (new or refreshed, 3600 s), as the registrar
-    does.  Raises StoreUnavailableError when etcd does not answer.
+    does.  ``followers`` processes (``etcd_url`` needed) follow the writes.
+    Raises StoreUnavailableError when etcd does not answer.
     """
+    if followers and etcd_url is None:
+        raise ValueError("followers need etcd_url")
     store = LocationStore(client, keys, max_in_flight=max_in_flight, batch_window=batch_window)
     await store.start()
+    context = multiprocessing.get_context("spawn")
+    pipes: list[Connection] = []
+    processes = []
     try:
+        for _ in range(followers):
+            ours, theirs = context.Pipe()
+            process = context.Process(
+                target=_follower_main, args=(etcd_url, keys.prefix.decode(), theirs), daemon=True
+            )
+            process.start()
+            pipes.append(ours)
+            processes.append(process)
+        loop = asyncio.get_running_loop()
+        for pipe in pipes:
+            # Each follower answers once its cache is loaded.
+            await loop.run_in_executor(None, pipe.recv)
         counter = iter(range(registrations))
+        last_revision = 0
 
         async def register(index: int) -> None:
+            nonlocal last_revision
             aor = f"bench{index % aors}@bench.example.com"
             now = time.time()
             state = store.aor_state(aor)
@@ -119,14 +165,14 @@ async def run_commit_benchmark(
                 user_agent="bench",
                 registered_at=now,
             )
-            await store.commit(plan_change(state, [binding]))
+            result = await store.commit(plan_change(state, [binding]))
+            last_revision = max(last_revision, result.revision)
 
         async def registrar_loop() -> None:
             for index in counter:
                 await register(index)
 
         async def arrivals(per_second: float) -> None:
-            loop = asyncio.get_running_loop()
             tasks: list[asyncio.Task[None]] = []
             start = loop.time()
             sent = 0
@@ -137,6 +183,8 @@ async def run_commit_benchmark(
                 await asyncio.sleep(0.001)
             await asyncio.gather(*tasks)
 
+        for pipe in pipes:
+            pipe.send(0)  # start measuring
         etcd_before = _process_cpu_seconds(etcd_pid) if etcd_pid is not None else None
         cpu_before = time.process_time()
         started = time.perf_counter()
@@ -151,6 +199,11 @@ async def run_commit_benchmark(
             if etcd_pid is not None and etcd_before is not None
             else None
         )
+        follower_cpu = []
+        for pipe in pipes:
+            pipe.send(last_revision)
+        for pipe in pipes:
+            follower_cpu.append(float(await loop.run_in_executor(None, pipe.recv)))
         statistics = store.statistics
         return CommitBenchmark(
             commits=statistics.changes,
@@ -159,6 +212,98 @@ async def run_commit_benchmark(
             etcd_cpu_seconds=etcd_cpu,
             transactions=statistics.transactions,
             conflicts=statistics.conflicts,
+            follower_cpu_seconds=tuple(follower_cpu),
         )
     finally:
+        for pipe in pipes:
+            pipe.close()
+        for process in processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
         await store.stop()
+
+
+def _follower_main(etcd_url: str, prefix: str, pipe: Connection) -> None:
+    """A follower process: a LocationStore that only watches.  Answers on
+    ``pipe`` when loaded, then, given the last revision, its CPU seconds from the
+    start signal until its cache reached that revision."""
+    asyncio.run(_follow(etcd_url, prefix, pipe))
+
+
+async def _follow(etcd_url: str, prefix: str, pipe: Connection) -> None:
+    from cluster.membership import connect_etcd  # noqa: PLC0415 - in the child only
+
+    client = await connect_etcd(etcd_url)
+    store = LocationStore(client, KeyLayout(prefix))
+    await store.start()
+    loop = asyncio.get_running_loop()
+    pipe.send(True)
+    await loop.run_in_executor(None, pipe.recv)
+    cpu_before = time.process_time()
+    # The pipe is read in a thread while the watch goes on in this loop.
+    last_revision = int(await loop.run_in_executor(None, pipe.recv))
+    await store.wait_for_revision(last_revision, timeout=60)
+    pipe.send(time.process_time() - cpu_before)
+    await store.stop()
+    await client.close()
+
+
+async def _main(arguments: argparse.Namespace) -> None:
+    from cluster.etcd import LocalEtcd, free_port  # noqa: PLC0415
+    from cluster.membership import connect_etcd  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="registry-bench-") as directory:
+        server = LocalEtcd(Path(directory) / "etcd", client_port=free_port())
+        with server:
+            client = await connect_etcd(server.url)
+            try:
+                runs: list[tuple[str, float | None]] = [
+                    (f"{arguments.rate:,.0f}/s", arguments.rate),
+                    ("peak", None),
+                ]
+                for label, rate in runs:
+                    for _ in range(arguments.repeat):
+                        result = await run_commit_benchmark(
+                            client,
+                            KeyLayout(f"/bench-{uuid.uuid4().hex[:8]}/"),
+                            registrations=arguments.registrations,
+                            aors=arguments.aors,
+                            concurrency=arguments.concurrency,
+                            etcd_pid=server.pid,
+                            rate=rate,
+                            followers=arguments.followers,
+                            etcd_url=server.url,
+                            batch_window=arguments.batch_window,
+                        )
+                        follower = result.follower_cpu_per_commit_us
+                        print(  # noqa: T201
+                            f"{label:>8}: {result.commits_per_second:8,.0f} commits/s, "
+                            f"{result.changes_per_transaction:5.1f} per Txn, CPU per commit: "
+                            f"worker {result.client_cpu_per_commit_us:5.1f} us, "
+                            f"etcd {result.etcd_cpu_per_commit_us or 0:5.1f} us"
+                            + (f", follower {follower:5.1f} us" if follower is not None else "")
+                            + f", conflicts {result.conflicts}",
+                            flush=True,
+                        )
+            finally:
+                await client.close()
+
+
+def main() -> None:
+    """``python -m registry.benchmark``: run the benchmark on a local etcd."""
+    parser = argparse.ArgumentParser(prog="python -m registry.benchmark", description=__doc__)
+    parser.add_argument("--rate", type=float, default=5_000.0, help="the fixed rate, changes/s")
+    parser.add_argument("--registrations", type=int, default=50_000)
+    parser.add_argument("--aors", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=1_000, help="at peak")
+    parser.add_argument("--followers", type=int, default=1, help="watching processes")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each kind")
+    parser.add_argument(
+        "--batch-window", type=float, default=0.010, help="LocationStore batch_window, seconds"
+    )
+    asyncio.run(_main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -501,6 +501,72 @@ def test_concurrent_registrations_list_every_binding(
     run(body())
 
 
+def test_a_removal_on_another_worker_not_yet_seen_is_not_undone(
+    etcd_server: LocalEtcd, key_layout: KeyLayout
+) -> None:
+    async def body() -> None:
+        async with (
+            node(etcd_server.url, key_layout) as first,
+            node(etcd_server.url, key_layout) as second,
+        ):
+            both = await first.send(
+                register("<sip:alice@192.0.2.10>", "<sip:alice@192.0.2.11>", call_id="device-1")
+            )
+            assert both.status == 200
+            await second.store.wait_for_revision(first.store.aor_state(AOR).revision, timeout=5)
+            # The first worker's cache falls behind (its watch paused), while the
+            # second worker removes one of the bindings.
+            await first.store.stop()
+            removed = await second.send(
+                register("<sip:alice@192.0.2.11>;expires=0", call_id="device-1", cseq=2)
+            )
+            assert contacts_of(removed) == ["<sip:alice@192.0.2.10>;expires=3600"]
+            # A third device registers on the first worker, whose cache still
+            # lists the removed binding: its commit conflicts on that binding's
+            # key, and the change computed again from etcd leaves it removed.
+            third = await first.send(register("<sip:alice@192.0.2.12>", call_id="device-2"))
+            assert third.status == 200
+            assert first.registrar.statistics.conflicts == 1
+            assert sorted(contacts_of(third)) == [
+                "<sip:alice@192.0.2.10>;expires=3600",
+                "<sip:alice@192.0.2.12>;expires=3600",
+            ]
+            stored = await first.client.get_prefix(key_layout.aor_bindings(AOR))
+            assert sorted(Binding.decode(kv.value).uri for kv in stored) == [
+                "sip:alice@192.0.2.10",
+                "sip:alice@192.0.2.12",
+            ]
+
+    run(body())
+
+
+def test_max_contacts_hold_while_the_cache_lags_after_a_conflict(
+    etcd_server: LocalEtcd, key_layout: KeyLayout
+) -> None:
+    async def body() -> None:
+        config = RegistrarConfig(domains=frozenset({DOMAIN}), max_contacts=2)
+        async with (
+            node(etcd_server.url, key_layout, config) as first,
+            node(etcd_server.url, key_layout, config) as second,
+        ):
+            # The first worker's watch pauses; a device registers on the second.
+            await first.store.stop()
+            other = await second.send(register("<sip:alice@192.0.2.20>", call_id="device-1"))
+            assert other.status == 200
+            # The first worker computes from its (empty) cache, conflicts, reads
+            # etcd and registers: the 200 lists both.
+            mine = await first.send(register("<sip:alice@192.0.2.10>", call_id="device-2"))
+            assert len(contacts_of(mine)) == 2
+            assert first.registrar.statistics.conflicts == 1
+            # Its cache now has its own binding but still not the other one: a
+            # third device must not get in on the strength of that.
+            third = await first.send(register("<sip:alice@192.0.2.30>", call_id="device-3"))
+            assert third.status == 403
+            assert len(await first.client.get_prefix(key_layout.aor_bindings(AOR))) == 2
+
+    run(body())
+
+
 # ------------------------------------------------------------------ RFC 4475
 
 
@@ -606,7 +672,7 @@ def test_decisions_without_etcd() -> None:
     (binding,) = plan.bindings
     assert binding.expires_at == now + 3600
     # The same request against the state it produced is out of order.
-    state = AorState(AOR, 42, plan.bindings)
+    state = AorState(AOR, 42, plan.bindings, (42,))
     again = plan_bindings(intent, state, now=now, config=CONFIG, received=PEER)
     assert again == Refusal(RegistrarFailure.OUT_OF_ORDER)
     # Once that binding has expired it no longer counts.
@@ -614,6 +680,7 @@ def test_decisions_without_etcd() -> None:
     assert not isinstance(later, Refusal)
     assert later.change is not None
     assert later.change.expected_revision == 42
+    assert later.change.expected_bindings == ((binding.binding_id, 42),)
 
 
 def test_every_failure_has_one_answer() -> None:

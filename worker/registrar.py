@@ -22,10 +22,12 @@ Concurrent writers
 ------------------
 Workers share no memory, and the load balancer spreads Call-IDs, so two devices
 of one AoR may register on two workers at the same moment.  A change is computed
-from ``LocationStore.aor_state`` (the worker's cache) and committed with the AoR
-revision it was computed from; when another worker got there first the commit
-answers CONFLICT and the registrar re-reads the AoR from etcd itself (the cache
-may lag) and computes again, at most ``RegistrarConfig.commit_attempts`` times.
+from ``LocationStore.aor_state`` (the worker's cache) and committed only if the
+AoR's bindings are still those of that state (none added, changed or removed
+since: ``registry._location`` explains the compares); when another worker got
+there first the commit answers CONFLICT and the registrar re-reads the AoR from
+etcd itself (the cache may lag) and computes again, at most
+``RegistrarConfig.commit_attempts`` times.
 A refusal that depends on the stored bindings (too many contacts, CSeq out of
 order) is confirmed against etcd before it is sent, for the same reason.  The
 contact limit, ``*`` and the list in the 200 are therefore exact at the revision
