@@ -141,3 +141,34 @@ def test_several_transactions_of_one_call_release_on_the_last() -> None:
     assert w1.transaction_ended(call_id) is None
     assert w1.transaction_ended(call_id) == ("w2", call_id)
     assert w1.transaction_ended(b"never-seen") is None
+
+
+def test_claims_that_arrive_before_the_ring_change_end_the_wait_in_advance() -> None:
+    # The previous owner's watch can show it the new ring, and its claims can
+    # reach the new owner, before the new owner's own watch shows that ring.
+    before = Ring(["w1"])
+    after = Ring(["w1", "w2"])
+    w1 = Handoff("w1", before, alive={"w1"})
+    w2 = Handoff("w2", before, alive={"w1"})
+    ringing = moved_call_id(before, after, "w1", "w2")
+    fresh = moved_call_id(before, after, "w1", "w2", start=10_000)
+    w1.transaction_started(ringing)
+    claims = w1.ring_changed(after, {"w1", "w2"}, now=0.0)
+
+    assert not w2.claims_received(after.fingerprint, "w1", claims["w2"])
+    w2.ring_changed(after, {"w1", "w2"}, now=0.0)
+    assert w2.get_timer() is None
+    assert w2.route(fresh, after.fingerprint, ()).decision is Decision.LOCAL
+    forward = w2.route(ringing, after.fingerprint, ())
+    assert (forward.decision, forward.worker) == (Decision.FORWARD, "w1")
+
+
+def test_early_claims_for_another_ring_do_not_end_a_wait() -> None:
+    before = Ring(["w1"])
+    after = Ring(["w1", "w2"])
+    other = Ring(["w1", "w2", "w3"])
+    w2 = Handoff("w2", before, alive={"w1"})
+    assert not w2.claims_received(other.fingerprint, "w1", [])
+    w2.ring_changed(after, {"w1", "w2"}, now=0.0)
+    call_id = moved_call_id(before, after, "w1", "w2")
+    assert w2.route(call_id, after.fingerprint, ()).decision is Decision.WAIT

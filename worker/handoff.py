@@ -43,6 +43,8 @@ __all__ = ["Decision", "Handoff", "Route"]
 # How long a new owner waits for the previous owner's claims before serving the
 # moved slots itself (the previous owner may have died).
 CLAIMS_DEADLINE = 0.5
+# Claims kept for rings not adopted yet (a few ring changes' worth of workers).
+EARLY_CLAIMS_KEPT = 256
 
 
 class Decision(enum.Enum):
@@ -88,6 +90,10 @@ class Handoff:
     """Call-IDs this worker holds that moved to another owner, by that owner."""
     pending: list[_Pending] = field(default_factory=list)
     alive: set[str] = field(default_factory=set)
+    early_claims: dict[tuple[str, int], None] = field(default_factory=dict)
+    """(worker, ring) of complete claims that arrived before this worker adopted
+    that ring (membership watches do not fire at the same instant): adopting it
+    then waits for nothing.  The newest EARLY_CLAIMS_KEPT, oldest first."""
 
     # ------------------------------------------------------------------ inputs
 
@@ -135,6 +141,9 @@ class Handoff:
         for call_id in [c for c, w in self.claimed_by.items() if w not in self.alive]:
             del self.claimed_by[call_id]
         for worker, slots in taken_over.items():
+            if (worker, ring.fingerprint) in self.early_claims:
+                del self.early_claims[(worker, ring.fingerprint)]
+                continue  # its claims are already here
             self.pending.append(_Pending(worker, ring.fingerprint, slots, now + CLAIMS_DEADLINE))
         return claims
 
@@ -145,6 +154,12 @@ class Handoff:
         """
         for call_id in call_ids:
             self.claimed_by[call_id] = worker
+        if ring != self.ring.fingerprint:
+            # A ring this worker has not adopted yet (or one it already left).
+            early = self.early_claims
+            early[(worker, ring)] = None
+            while len(early) > EARLY_CLAIMS_KEPT:
+                del early[next(iter(early))]
         before = len(self.pending)
         self.pending = [
             entry for entry in self.pending if not (entry.previous == worker and entry.ring == ring)
