@@ -296,6 +296,7 @@ class LocationStore(WatchedRange):
         self._exact_ahead: dict[str, int] = {}
         self._exact_ahead_order: deque[tuple[int, str]] = deque()
         # The commit queue, and what its changes take of each list of a Txn.
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._queue: deque[_Pending] = deque()
         self._queued_operations = 0
         self._queued_compares = 0
@@ -530,8 +531,17 @@ class LocationStore(WatchedRange):
         (more operations or compares than one Txn takes, a binding id twice, a
         binding of another AoR).
         """
+        return await self.submit(change)
+
+    def submit(self, change: AorChange) -> asyncio.Future[CommitResult]:
+        """``commit`` without a coroutine: queue ``change`` and return the future
+        of its result (the same outcomes and errors as ``commit``; ValueError is
+        raised at once).  Cancelling the future withdraws a change not yet sent."""
         _check_change(change)
-        loop = asyncio.get_running_loop()
+        loop = self._event_loop
+        if loop is None:
+            # Once: get_running_loop() makes a getpid() system call on 3.11.
+            loop = self._event_loop = asyncio.get_running_loop()
         pending = _Pending(
             change, loop.create_future(), loop.time(), change.operations, change.compares
         )
@@ -539,7 +549,7 @@ class LocationStore(WatchedRange):
         self._queued_operations += pending.operations
         self._queued_compares += pending.compares
         self._schedule(loop)
-        return await pending.future
+        return pending.future
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._in_flight >= self.max_in_flight or not self._queue:
@@ -566,7 +576,7 @@ class LocationStore(WatchedRange):
 
     def _dispatch(self) -> None:
         self._dispatch_handle = None
-        loop = asyncio.get_running_loop()
+        loop = self._event_loop or asyncio.get_running_loop()
         while self._queue and self._in_flight < self.max_in_flight:
             batch = self._take_batch()
             if not batch:
@@ -628,7 +638,7 @@ class LocationStore(WatchedRange):
             for pending in batch:
                 self._busy.discard(pending.change.aor)
             if self._queue:
-                self._schedule(asyncio.get_running_loop())
+                self._schedule(self._event_loop or asyncio.get_running_loop())
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         remaining = [pending for pending in batch if not pending.future.done()]

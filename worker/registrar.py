@@ -37,6 +37,7 @@ the bindings are durable in etcd before the UA learns of them.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import logging
@@ -49,6 +50,7 @@ from registry import (
     AorChange,
     AorState,
     Binding,
+    CommitResult,
     LocationStore,
     StoreUnavailableError,
     address_of_record,
@@ -601,6 +603,59 @@ class RegistrarStatistics:
     """Commits that found the AoR changed and were computed again."""
 
 
+@dataclass(slots=True)
+class _Continue:
+    """A REGISTER whose outcome needs the AoR's state read from etcd."""
+
+    register: RegisterRequest
+    aor: str
+    peer: Peer | None
+    now: float
+    attempts: int
+    """Commit attempts already spent."""
+
+
+@dataclass(slots=True, eq=False)
+class _Commit:
+    """A REGISTER waiting for its first commit (the common path)."""
+
+    registrar: Registrar
+    request: Request
+    register: RegisterRequest
+    aor: str
+    peer: Peer | None
+    now: float
+    plan: BindingPlan
+    answer: Callable[[Response], None] | None = None
+
+    def committed(self, future: asyncio.Future[CommitResult]) -> None:
+        registrar, request = self.registrar, self.request
+        answer = self.answer
+        assert answer is not None
+        outcome: Response | Refusal
+        if future.cancelled():
+            outcome = Refusal(RegistrarFailure.STORE_UNAVAILABLE)
+        elif (error := future.exception()) is not None:
+            if not isinstance(error, StoreUnavailableError):
+                log.error("REGISTER of %s failed", self.aor, exc_info=error)
+                answer(make_response(request, 500, headers=[("Retry-After", 5)]))
+                return
+            log.warning("REGISTER of %s not stored: %s", self.aor, error)
+            outcome = Refusal(RegistrarFailure.STORE_UNAVAILABLE)
+        elif future.result().committed:
+            # RFC 3261 10.3 step 8: answered only now that the change is durable
+            # (and it was all or nothing: one Txn, step 7).
+            outcome = registered_response(request, self.register, self.plan.bindings, self.now)
+        else:
+            # Another worker changed the AoR since the cached state: read it from
+            # etcd and compute again.
+            registrar.statistics.conflicts += 1
+            step = _Continue(self.register, self.aor, self.peer, self.now, attempts=1)
+            registrar._continue(request, step, answer)
+            return
+        answer(registrar._finish(request, outcome))
+
+
 class Registrar:
     """Answers REGISTERs for our domains (RFC 3261 10.3, RFC 3327).
 
@@ -623,6 +678,7 @@ class Registrar:
         self.authenticator = authenticator
         self.statistics = RegistrarStatistics()
         self._random = random_source if random_source is not None else random.Random()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def serves(self, request: Request) -> bool:
         """Whether ``request``'s Request-URI names one of our domains or this
@@ -647,12 +703,42 @@ class Registrar:
         unreachable etcd (500 with Retry-After); raises ValueError when
         ``request`` is not a REGISTER.
         """
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[Response] = loop.create_future()
+        self.handle_nowait(request, peer, now, answered.set_result)
+        return await answered
+
+    def handle_nowait(
+        self,
+        request: Request,
+        peer: Peer | None,
+        now: float,
+        answer: Callable[[Response], None],
+    ) -> None:
+        """``handle`` without a task per REGISTER: ``answer`` is called with the
+        response, at once when no etcd write is needed, else from a callback once
+        the commit is decided.  Must be called from the event loop.
+
+        The common path (one commit that succeeds) runs no coroutine at all; a
+        conflict or a refusal to confirm against etcd continues in a task.
+        """
         if request.method != "REGISTER":
             raise ValueError(f"the registrar handles REGISTER, not {request.method}")
         try:
-            outcome = await self._handle(request, peer, now)
+            step = self._start(request, peer, now)
         except MessageError as error:
-            outcome = Refusal(RegistrarFailure.MALFORMED_REQUEST, detail=error.reason)
+            step = Refusal(RegistrarFailure.MALFORMED_REQUEST, detail=error.reason)
+        if isinstance(step, _Commit):
+            step.answer = answer
+            future = self.store.submit(step.plan.change)  # type: ignore[arg-type]
+            future.add_done_callback(step.committed)
+            return
+        if isinstance(step, _Continue):
+            self._continue(request, step, answer)
+            return
+        answer(self._finish(request, step))
+
+    def _finish(self, request: Request, outcome: Response | Refusal) -> Response:
         if isinstance(outcome, Response):
             self.statistics.registered += 1
             return outcome
@@ -661,7 +747,9 @@ class Registrar:
         low, high = self.config.retry_after
         return refusal_response(request, outcome, retry_after=self._random.randint(low, high))
 
-    async def _handle(self, request: Request, peer: Peer | None, now: float) -> Response | Refusal:
+    def _start(
+        self, request: Request, peer: Peer | None, now: float
+    ) -> Response | Refusal | _Commit | _Continue:
         config = self.config
         checked = check_request(request, config, self.is_own_address)
         if isinstance(checked, Refusal):
@@ -682,38 +770,55 @@ class Registrar:
             # lists the bindings.
             bindings = tuple(sorted(store.aor_state(aor).active(now), key=_binding_order))
             return registered_response(request, register, bindings, now)
-        state = store.aor_state(aor)
-        from_etcd = False
-        for _ in range(config.commit_attempts):
-            plan = plan_bindings(register, state, now=now, config=config, received=peer)
+        plan = plan_bindings(register, store.aor_state(aor), now=now, config=config, received=peer)
+        if isinstance(plan, Refusal):
+            # The refusal depends on the stored bindings, and the cache may lag
+            # behind another worker's change: confirm it against etcd.
+            return _Continue(register, aor, peer, now, attempts=0)
+        if plan.change is None:
+            return registered_response(request, register, plan.bindings, now)
+        return _Commit(self, request, register, aor, peer, now, plan)
+
+    def _continue(
+        self, request: Request, step: _Continue, answer: Callable[[Response], None]
+    ) -> None:
+        async def run() -> None:
+            try:
+                outcome = await self._commit_from_etcd(request, step)
+            except MessageError as error:
+                outcome = Refusal(RegistrarFailure.MALFORMED_REQUEST, detail=error.reason)
+            except Exception:
+                log.exception("REGISTER of %s failed", step.aor)
+                answer(make_response(request, 500, headers=[("Retry-After", 5)]))
+                return
+            answer(self._finish(request, outcome))
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _commit_from_etcd(self, request: Request, step: _Continue) -> Response | Refusal:
+        """Steps 6 to 8 again from the AoR's state read from etcd (not the cache,
+        which may lag), after a conflict or to confirm a refusal."""
+        config = self.config
+        register, aor, now = step.register, step.aor, step.now
+        for _ in range(step.attempts, config.commit_attempts):
+            state = await self._fetch(aor)
+            if state is None:
+                return Refusal(RegistrarFailure.STORE_UNAVAILABLE)
+            plan = plan_bindings(register, state, now=now, config=config, received=step.peer)
             if isinstance(plan, Refusal):
-                if from_etcd:
-                    return plan
-                # The refusal depends on the stored bindings, and the cache may
-                # lag behind another worker's change: confirm it against etcd.
-                fetched = await self._fetch(aor)
-                if fetched is None:
-                    return Refusal(RegistrarFailure.STORE_UNAVAILABLE)
-                state, from_etcd = fetched, True
-                continue
+                return plan
             if plan.change is None:
                 return registered_response(request, register, plan.bindings, now)
             try:
-                result = await store.commit(plan.change)
+                result = await self.store.commit(plan.change)
             except StoreUnavailableError as error:
                 log.warning("REGISTER of %s not stored: %s", aor, error)
                 return Refusal(RegistrarFailure.STORE_UNAVAILABLE)
             if result.committed:
-                # RFC 3261 10.3 step 8: answered only now that the change is
-                # durable (and it was all or nothing: one Txn, step 7).
                 return registered_response(request, register, plan.bindings, now)
-            # Another worker changed the AoR since `state`: read it from etcd
-            # (not the cache, which may lag) and compute again.
             self.statistics.conflicts += 1
-            fetched = await self._fetch(aor)
-            if fetched is None:
-                return Refusal(RegistrarFailure.STORE_UNAVAILABLE)
-            state, from_etcd = fetched, True
         log.warning("REGISTER of %s gave up after %d conflicts", aor, config.commit_attempts)
         return Refusal(RegistrarFailure.TOO_MUCH_CONTENTION)
 
