@@ -231,8 +231,8 @@ def _uri_identity(uri: URI) -> tuple[object, ...]:
 
 # The same contacts come back with every refresh: both functions below are pure
 # functions of the (immutable, hashable) address, memoized in bounded dicts that
-# are emptied when full (as sipcore's parsers do).
-_MEMO_SIZE = 8192
+# are emptied when full (as sipcore's parsers do, and with the same size).
+_MEMO_SIZE = 32768
 _binding_ids: dict[NameAddr, str] = {}
 _contact_texts: dict[NameAddr, str] = {}
 
