@@ -2,9 +2,9 @@
 
 A node runs one worker; calls ring on it; a second worker joins (a separate
 `sipcluster worker` process on the same etcd prefix), so the ring moves about half
-of the Call-IDs to it.  Retransmitted INVITEs and CANCELs of the calls that were
-ringing must still reach the first worker (docs/architecture.md, "claims"), and
-new calls must reach the new worker.
+of the Call-IDs to it.  Retransmitted INVITEs, CANCELs and the ACKs for the
+487s of the calls that were ringing must still reach the first worker
+(docs/architecture.md, "claims"), and new calls must reach the new worker.
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 
 from harness import Node, UserAgent
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.etcd import LocalEtcd
 from cluster.ring import Ring, branch_worker
-from sipcore import Request, make_cancel
+from sipcore import Request, make_ack, make_cancel
 
 DOMAIN = "example.com"
 
@@ -60,6 +62,19 @@ def start_worker(node: Node, data_dir: Path) -> tuple[subprocess.Popen[bytes], s
             if message["event"] == "ready":
                 return process, message["id"]
     raise AssertionError("the worker never became ready")
+
+
+def acks_received(node: Node, process: str) -> float:
+    """The ACKs ``process`` of the node has received (its /metrics, via the node's)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "sipcluster_worker_messages_received_total"
+        and sample.labels == {"kind": "request", "method": "ACK", "process": process}
+    )
 
 
 def top_branch_worker(request: Request) -> str | None:
@@ -127,7 +142,11 @@ def test_a_worker_joins_while_calls_ring(etcd_server: LocalEtcd, tmp_path: Path)
             caller, invite, _ = moved[0]
             caller.send(invite)
             assert (await caller.receive_response(180)).status == 180
-            # A CANCEL of each moved call reaches the INVITE's transaction.
+            # A CANCEL of each moved call reaches the INVITE's transaction, and so
+            # does the ACK for its 487 (RFC 3261 17.1.1.3: it belongs to the
+            # INVITE's server transaction, 9.1, 17.2.1), on the first worker.
+            loop = asyncio.get_running_loop()
+            acks_before = await loop.run_in_executor(None, acks_received, node, "worker-0")
             for caller, invite, received in moved:
                 caller.send(make_cancel(invite))
                 assert (await caller.receive_response(200, method="CANCEL")).status == 200
@@ -135,7 +154,15 @@ def test_a_worker_joins_while_calls_ring(etcd_server: LocalEtcd, tmp_path: Path)
                 assert cancel.call_id == invite.call_id
                 callee.answer(cancel, 200)
                 callee.answer(received, 487)
-                assert (await caller.receive_response(300, method="INVITE")).status == 487
+                final = await caller.receive_response(300, method="INVITE")
+                assert final.status == 487
+                caller.send(make_ack(invite, final))
+            for _ in range(100):
+                acks = await loop.run_in_executor(None, acks_received, node, "worker-0")
+                if acks - acks_before >= len(moved):
+                    break
+                await asyncio.sleep(0.05)  # polling a counter: no event to await
+            assert acks - acks_before == len(moved)
             # The callee never saw a second INVITE for any of these calls.
             leftovers = []
             while not callee.inbox.empty():
