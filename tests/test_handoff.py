@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from cluster.ring import Ring, slot_of
 from worker.handoff import Decision, Handoff
 
@@ -26,15 +28,34 @@ def moved_call_id(old: Ring, new: Ring, old_owner: str, new_owner: str, start: i
         index += 1
 
 
-def test_a_joining_worker_waits_for_claims_then_forwards_claimed_calls() -> None:
+@dataclass
+class Joining:
+    """w2 joins w1's ring while w1 holds a transaction of ``ringing``, a Call-ID
+    that moves to w2 (as does ``fresh``, a new call)."""
+
+    before: Ring
+    after: Ring
+    w1: Handoff
+    w2: Handoff
+    ringing: bytes
+    fresh: bytes
+
+
+def joining() -> Joining:
     before = Ring(["w1"])
     after = Ring(["w1", "w2"])
     w1 = Handoff("w1", before, alive={"w1"})
     w2 = Handoff("w2", before, alive={"w1"})
     ringing = moved_call_id(before, after, "w1", "w2")
     fresh = moved_call_id(before, after, "w1", "w2", start=10_000)
-    assert slot_of(ringing) != slot_of(fresh) or ringing != fresh
     w1.transaction_started(ringing)
+    return Joining(before, after, w1, w2, ringing, fresh)
+
+
+def test_a_joining_worker_waits_for_claims_then_forwards_claimed_calls() -> None:
+    j = joining()
+    after, w1, w2, ringing, fresh = j.after, j.w1, j.w2, j.ringing, j.fresh
+    assert slot_of(ringing) != slot_of(fresh) or ringing != fresh
 
     claims = w1.ring_changed(after, {"w1", "w2"}, now=0.0)
     assert claims == {"w2": [ringing]}
@@ -146,13 +167,8 @@ def test_several_transactions_of_one_call_release_on_the_last() -> None:
 def test_claims_that_arrive_before_the_ring_change_end_the_wait_in_advance() -> None:
     # The previous owner's watch can show it the new ring, and its claims can
     # reach the new owner, before the new owner's own watch shows that ring.
-    before = Ring(["w1"])
-    after = Ring(["w1", "w2"])
-    w1 = Handoff("w1", before, alive={"w1"})
-    w2 = Handoff("w2", before, alive={"w1"})
-    ringing = moved_call_id(before, after, "w1", "w2")
-    fresh = moved_call_id(before, after, "w1", "w2", start=10_000)
-    w1.transaction_started(ringing)
+    j = joining()
+    after, w1, w2, ringing, fresh = j.after, j.w1, j.w2, j.ringing, j.fresh
     claims = w1.ring_changed(after, {"w1", "w2"}, now=0.0)
 
     assert not w2.claims_received(after.fingerprint, "w1", claims["w2"])
