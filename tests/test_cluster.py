@@ -11,6 +11,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 from harness import Node, UserAgent
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.etcd import LocalEtcd
 from cluster.ring import Ring
@@ -147,6 +149,46 @@ def test_registration_with_digest_md5_and_sha256(digest_node: Node) -> None:
 
     run(scenario())
     assert "sip:alice@127.0.0.1" in locations(digest_node, f"alice@{DOMAIN}")
+
+
+def node_gauge(node: Node, name: str) -> float:
+    """The sum over the node's processes of gauge ``name`` (the node's /metrics)."""
+    address = f"http://127.0.0.1:{node.http_port}/metrics"
+    with urllib.request.urlopen(address, timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def test_challenges_keep_no_transaction(etcd_server: LocalEtcd, tmp_path: Path) -> None:
+    # RFC 3261 8.2.7, 26.1.5: REGISTERs without credentials are challenged by a
+    # stateless UAS; a retransmission gets the same To tag.
+    node = start_node(etcd_server, tmp_path, auth="digest", domain=DOMAIN)
+    try:
+
+        async def scenario() -> None:
+            agents_ = await agents(node, "udp", *(f"user{i}" for i in range(5)))
+            for agent in agents_:
+                register = agent.request(
+                    "REGISTER", f"sip:{DOMAIN}", to=f"sip:{agent.aor}", headers=[("Expires", 60)]
+                )
+                agent.send(register)
+                first = await agent.receive_response(200, method="REGISTER")
+                agent.send(register)
+                again = await agent.receive_response(200, method="REGISTER")
+                assert (first.status, again.status) == (401, 401)
+                assert first.to.tag is not None
+                assert first.to.tag == again.to.tag
+                await agent.close()
+
+        run(scenario())
+        assert node_gauge(node, "sipcluster_worker_transactions") == 0
+    finally:
+        assert node.stop() == 0, "\n".join(node.log[-30:])
 
 
 def test_wrong_password_is_refused(digest_node: Node) -> None:

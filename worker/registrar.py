@@ -738,6 +738,31 @@ class Registrar:
             return
         answer(self._finish(request, step))
 
+    def answer_statelessly(
+        self, request: Request, peer: Peer | None, now: float
+    ) -> Response | None:
+        """The answer to a REGISTER without credentials when authentication is on
+        (its challenge, or a refusal found before it), to be sent outside any
+        transaction; None when the request carries an Authorization header field
+        or authentication is off (``handle`` answers those).
+
+        RFC 3261 8.2.7: the stateless UAS role is there for challenges to
+        unauthenticated requests, so that a flood of them creates no transaction
+        state (26.1.5).  A retransmission is challenged again; the To tag is
+        derived from the request, so identical requests get the same one.
+        """
+        if self.authenticator is None or request.get("authorization") is not None:
+            return None
+        if request.method != "REGISTER":
+            raise ValueError(f"the registrar handles REGISTER, not {request.method}")
+        try:
+            step = self._start(request, peer, now)
+        except MessageError as error:
+            step = Refusal(RegistrarFailure.MALFORMED_REQUEST, detail=error.reason)
+        if not isinstance(step, Refusal):
+            return None  # nothing to refuse: the transaction path takes it
+        return self._finish(request, step)
+
     def _finish(self, request: Request, outcome: Response | Refusal) -> Response:
         if isinstance(outcome, Response):
             self.statistics.registered += 1

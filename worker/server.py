@@ -374,6 +374,12 @@ class Worker:
             self.layer.receive_response(message, peer, now)
             return
         self.metrics.received["request", message.method] += 1
+        if message.method == "REGISTER" and self.registrar.serves(message):
+            answer = self.registrar.answer_statelessly(message, peer, self.wall_clock())
+            if answer is not None:
+                # RFC 3261 8.2.7: challenged without a transaction.
+                self.layer.send_stateless(answer, response_peer(peer, message.via))
+                return
         call_id = message.call_id.encode("utf-8", "surrogateescape")
         route = self.handoff.route(call_id, inbound.ring, inbound.hops)
         if route.decision is Decision.FORWARD and route.worker is not None:
