@@ -295,8 +295,8 @@ class LocationStore(WatchedRange):
         # watch has not reached yet -> that revision (see _write_through).
         self._exact_ahead: dict[str, int] = {}
         self._exact_ahead_order: deque[tuple[int, str]] = deque()
-        # The commit queue, and what its changes take of each list of a Txn.
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        # The commit queue, and what its changes take of each list of a Txn.
         self._queue: deque[_Pending] = deque()
         self._queued_operations = 0
         self._queued_compares = 0

@@ -603,6 +603,11 @@ class RegistrarStatistics:
     """Commits that found the AoR changed and were computed again."""
 
 
+def internal_error(request: Request) -> Response:
+    """The answer when answering failed unexpectedly: 500, retry in 5 s."""
+    return make_response(request, 500, headers=[("Retry-After", 5)])
+
+
 @dataclass(slots=True)
 class _Continue:
     """A REGISTER whose outcome needs the AoR's state read from etcd."""
@@ -626,6 +631,7 @@ class _Commit:
     peer: Peer | None
     now: float
     plan: BindingPlan
+    change: AorChange
     answer: Callable[[Response], None] | None = None
 
     def committed(self, future: asyncio.Future[CommitResult]) -> None:
@@ -638,7 +644,7 @@ class _Commit:
         elif (error := future.exception()) is not None:
             if not isinstance(error, StoreUnavailableError):
                 log.error("REGISTER of %s failed", self.aor, exc_info=error)
-                answer(make_response(request, 500, headers=[("Retry-After", 5)]))
+                answer(internal_error(request))
                 return
             log.warning("REGISTER of %s not stored: %s", self.aor, error)
             outcome = Refusal(RegistrarFailure.STORE_UNAVAILABLE)
@@ -730,7 +736,7 @@ class Registrar:
             step = Refusal(RegistrarFailure.MALFORMED_REQUEST, detail=error.reason)
         if isinstance(step, _Commit):
             step.answer = answer
-            future = self.store.submit(step.plan.change)  # type: ignore[arg-type]
+            future = self.store.submit(step.change)
             future.add_done_callback(step.committed)
             return
         if isinstance(step, _Continue):
@@ -802,7 +808,7 @@ class Registrar:
             return _Continue(register, aor, peer, now, attempts=0)
         if plan.change is None:
             return registered_response(request, register, plan.bindings, now)
-        return _Commit(self, request, register, aor, peer, now, plan)
+        return _Commit(self, request, register, aor, peer, now, plan, plan.change)
 
     def _continue(
         self, request: Request, step: _Continue, answer: Callable[[Response], None]
@@ -814,7 +820,7 @@ class Registrar:
                 outcome = Refusal(RegistrarFailure.MALFORMED_REQUEST, detail=error.reason)
             except Exception:
                 log.exception("REGISTER of %s failed", step.aor)
-                answer(make_response(request, 500, headers=[("Retry-After", 5)]))
+                answer(internal_error(request))
                 return
             answer(self._finish(request, outcome))
 
@@ -842,7 +848,9 @@ class Registrar:
                 log.warning("REGISTER of %s not stored: %s", aor, error)
                 return Refusal(RegistrarFailure.STORE_UNAVAILABLE)
             if result.committed:
+                # RFC 3261 10.3 step 8: answered only once the change is durable.
                 return registered_response(request, register, plan.bindings, now)
+            # Changed again since the read: read it once more.
             self.statistics.conflicts += 1
         log.warning("REGISTER of %s gave up after %d conflicts", aor, config.commit_attempts)
         return Refusal(RegistrarFailure.TOO_MUCH_CONTENTION)
