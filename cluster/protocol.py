@@ -30,6 +30,12 @@ Each envelope is a msgpack array whose first element is its kind:
 
     [CONNECTION_CLOSED, lb_id, connection_id]
 
+``SEND_FAILED`` (load balancer -> the worker named in the request's top Via
+branch): a request of an OUTBOUND envelope that could not be sent (the TCP
+connection to its destination could not be opened)::
+
+    [SEND_FAILED, lb_id, data]
+
 Field meanings: ``ring`` is a ring fingerprint (``cluster/ring.py``);
 ``complete`` in CLAIMS says the sender has listed every call it holds whose owner
 moved to the receiver under that ring; ``transport`` is "udp" or "tcp"; ``advertised`` is the
@@ -66,6 +72,7 @@ class Kind(enum.IntEnum):
     CLAIMS = 2
     RELEASES = 3
     CONNECTION_CLOSED = 4
+    SEND_FAILED = 5
 
 
 class Inbound(NamedTuple):

@@ -114,6 +114,7 @@ CLOSE_TIMEOUT = 1.0
 _INBOUND = int(Kind.INBOUND)
 _OUTBOUND = int(Kind.OUTBOUND)
 _CONNECTION_CLOSED = int(Kind.CONNECTION_CLOSED)
+_SEND_FAILED = int(Kind.SEND_FAILED)
 _ID_RE = re.compile(r"[A-Za-z0-9]{1,64}")
 
 
@@ -733,6 +734,19 @@ class LoadBalancer:
         envelope = [_CONNECTION_CLOSED, self.id, connection.id]
         for worker in self._pushers:
             self._enqueue(worker, envelope)
+
+    def messages_not_sent(self, connection: TcpConnection, messages: list[bytes]) -> None:
+        """Hand each request that could not be sent back to the worker named in its
+        top Via branch, whose client transaction then reports a transport error
+        (RFC 3261 17.1.4, 18.4) instead of waiting for its timeout."""
+        for data in messages:
+            self.counters.send_failed += 1
+            if not looks_like_request(data):
+                continue  # a response's transaction has no other way to send it
+            branch = top_via_branch(data)
+            worker = None if branch is None else branch_worker(branch)
+            if worker is not None and worker in self._pushers:
+                self._enqueue(worker, [_SEND_FAILED, self.id, data])
 
     def stream_message_received(self, connection: TcpConnection, data: bytes) -> None:
         """Route a message framed on a TCP connection."""

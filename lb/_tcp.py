@@ -71,6 +71,9 @@ class ConnectionOwner(Protocol):
     def write_overflowed(self, connection: TcpConnection) -> None:
         """The write buffer overflowed; the connection is being closed."""
 
+    def messages_not_sent(self, connection: TcpConnection, messages: list[bytes]) -> None:
+        """The connection could not be opened: these writes are dropped."""
+
 
 class TcpConnection(asyncio.Protocol):
     """One TCP connection of the load balancer (see the module docstring)."""
@@ -221,7 +224,9 @@ class TcpConnection(asyncio.Protocol):
         """Opening the connection failed: drop what was written to it."""
         if error is not None:
             log.info("cannot connect to %s:%d: %s", self.host, self.port, error)
-        self._pending, self._pending_size = [], 0
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        if pending:
+            self._owner.messages_not_sent(self, pending)
         self.connection_lost(None)
 
     @property

@@ -711,6 +711,18 @@ class TransactionLayer:
             raise LocalProtocolError("only an INVITE client transaction can be abandoned")
         self._apply(transaction, abandon_input, _Step(now))
 
+    def client_transaction_of(self, request: Request) -> TransactionId | None:
+        """The client transaction that sent ``request`` (a copy of it, for example
+        handed back by a transport that could not send it): the one with the same
+        top Via branch and method (RFC 3261 17.1.3), or None.  Raises MessageError
+        when the top Via is malformed."""
+        branch = request.via.branch
+        if branch is None:
+            return None
+        method = "INVITE" if request.method == "ACK" else request.method
+        transaction = self._clients.get((branch, method))
+        return None if transaction is None else transaction.identifier
+
     def transport_failed(self, transaction_id: TransactionId, now: float) -> bool:
         """Report that the transport could not send a message of the transaction.
 

@@ -343,6 +343,24 @@ def test_a_busy_callee_reaches_the_caller(open_node: Node) -> None:
     run(scenario())
 
 
+def test_a_callee_that_cannot_be_reached_over_tcp_fails_at_once(open_node: Node) -> None:
+    # The callee registered over TCP and went away: the load balancer cannot
+    # connect to it, hands the INVITE back, and the client transaction reports
+    # the transport error (RFC 3261 17.1.4, 18.4): the caller gets a final
+    # response now rather than a 408 after Timer B (32 s).
+    async def scenario() -> None:
+        (caller,) = await agents(open_node, "udp", "lena")
+        (callee,) = await agents(open_node, "tcp", "mark")
+        assert (await callee.register()).status == 200
+        await callee.close()
+        caller.send(caller.request("INVITE", f"sip:{callee.aor}"))
+        final = await caller.receive_response(300, timeout=10.0)
+        assert final.status in (480, 500, 503), final.status
+        await caller.close()
+
+    run(scenario())
+
+
 def test_parallel_forking_first_200_wins(open_node: Node) -> None:
     async def scenario() -> None:
         caller, phone, laptop = await agents(open_node, "udp", "leo", "mia", "mia")

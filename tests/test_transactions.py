@@ -807,6 +807,20 @@ def test_rfc2543_ack_to_a_2xx_reaches_the_accepted_transaction() -> None:
 # ------------------------------------------------------- transport failures, misuse
 
 
+def test_a_request_handed_back_by_the_transport_finds_its_client_transaction() -> None:
+    layer = TransactionLayer()
+    invite = layer.send_request(build_request(), SERVER, reliable=True, now=0.0)
+    options = layer.send_request(
+        build_request("OPTIONS", branch="z9hG4bKoptions"), SERVER, reliable=True, now=0.0
+    )
+    # A copy of what was sent, parsed again (RFC 3261 17.1.3: branch and method).
+    assert layer.client_transaction_of(build_request()) == invite
+    assert layer.client_transaction_of(build_request("OPTIONS", "z9hG4bKoptions")) == options
+    assert layer.client_transaction_of(build_request("OPTIONS")) is None
+    assert layer.client_transaction_of(build_request(branch="z9hG4bKother")) is None
+    assert layer.client_transaction_of(build_request(branch=None)) is None
+
+
 def test_transport_failures() -> None:
     layer = TransactionLayer()
     client = layer.send_request(build_request(), SERVER, reliable=True, now=0.0)

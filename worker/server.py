@@ -338,11 +338,27 @@ class Worker:
             elif kind == Kind.RELEASES:
                 _, worker, call_ids = envelope
                 self.handoff.releases_received(worker, call_ids)
+            elif kind == Kind.SEND_FAILED:
+                self._send_failed(envelope[2])
         except (ValueError, TypeError, IndexError) as error:
             log.warning("dropping a malformed envelope: %s", error)
         except Exception:
             # A bug met by one message must not stop the others.
             log.exception("failed to handle an envelope of kind %s", kind)
+
+    def _send_failed(self, data: bytes) -> None:
+        """A load balancer could not send this request of ours: its client
+        transaction reports the transport error (RFC 3261 17.1.4), which the proxy
+        takes as a 503 from that branch (16.9)."""
+        try:
+            request = parse_message(data)
+        except MessageError:
+            return
+        if not isinstance(request, Request):
+            return
+        transaction_id = self.layer.client_transaction_of(request)
+        if transaction_id is not None:
+            self.layer.transport_failed(transaction_id, self.clock())
 
     def _handle_inbound(self, inbound: Inbound) -> None:
         data = inbound.data
