@@ -747,10 +747,10 @@ class Registrar:
     def answer_statelessly(
         self, request: Request, peer: Peer | None, now: float
     ) -> Response | None:
-        """The answer to a REGISTER without credentials when authentication is on
-        (its challenge, or a refusal found before it), to be sent outside any
-        transaction; None when the request carries an Authorization header field
-        or authentication is off (``handle`` answers those).
+        """The answer to a REGISTER for us without credentials when authentication
+        is on (its challenge, or a refusal found before it), to be sent outside any
+        transaction; None when the request carries an Authorization header field,
+        authentication is off (``handle`` answers those) or it is not for us.
 
         RFC 3261 8.2.7: the stateless UAS role is there for challenges to
         unauthenticated requests, so that a flood of them creates no transaction
@@ -761,6 +761,8 @@ class Registrar:
             return None
         if request.method != "REGISTER":
             raise ValueError(f"the registrar handles REGISTER, not {request.method}")
+        if not self.serves(request):
+            return None  # for another domain: proxied
         try:
             step = self._start(request, peer, now)
         except MessageError as error:

@@ -390,7 +390,7 @@ class Worker:
             self.layer.receive_response(message, peer, now)
             return
         self.metrics.received["request", message.method] += 1
-        if message.method == "REGISTER" and self.registrar.serves(message):
+        if message.method == "REGISTER":
             answer = self.registrar.answer_statelessly(message, peer, self.wall_clock())
             if answer is not None:
                 # RFC 3261 8.2.7: challenged without a transaction.
