@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,11 +393,7 @@ class UserAgent:
             self._server.close()
 
 
-@contextlib.contextmanager
-def node(etcd_url: str, prefix: str, data_dir: Path, **options: Any) -> Iterator[Node]:
-    """Run a node for the duration of a ``with`` block."""
-    running = Node(etcd_url, prefix, data_dir, **options).start()
-    try:
-        yield running
-    finally:
-        running.stop()
+def start_node(etcd_url: str, data_dir: Path, **options: Any) -> Node:
+    """Start a node on etcd at ``etcd_url`` under a key prefix of its own (so that
+    tests sharing one etcd never see each other's members or bindings)."""
+    return Node(etcd_url, f"/test-{uuid.uuid4().hex[:10]}/", data_dir, **options).start()

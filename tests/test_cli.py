@@ -6,12 +6,11 @@ import asyncio
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Node, UserAgent
+from harness import Node, UserAgent, start_node
 
 from cluster.etcd import LocalEtcd, free_port
 
@@ -28,13 +27,12 @@ def cli(*arguments: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def node(etcd_server: LocalEtcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    running = Node(
+    running = start_node(
         etcd_server.url,
-        f"/test-{uuid.uuid4().hex[:10]}/",
         tmp_path_factory.mktemp("node"),
         workers=1,
         auth="none",
-    ).start()
+    )
     yield running
     assert running.stop() == 0
 
@@ -87,14 +85,13 @@ def test_options_exit_codes(node: Node) -> None:
 
 
 def test_ipv6_register_and_call(etcd_server: LocalEtcd, tmp_path: Path) -> None:
-    ipv6 = Node(
+    ipv6 = start_node(
         etcd_server.url,
-        f"/test-{uuid.uuid4().hex[:10]}/",
         tmp_path,
         workers=1,
         auth="none",
         host="::1",
-    ).start()
+    )
     try:
 
         async def scenario() -> None:

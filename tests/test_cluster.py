@@ -12,13 +12,12 @@ import json
 import subprocess
 import sys
 import urllib.request
-import uuid
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from harness import Node, UserAgent
+from harness import Node, UserAgent, start_node
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.etcd import LocalEtcd
@@ -33,15 +32,11 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coroutine)
 
 
-def start_node(etcd: LocalEtcd, tmp: Path, **options: Any) -> Node:
-    return Node(etcd.url, f"/test-{uuid.uuid4().hex[:10]}/", tmp, **options).start()
-
-
 @pytest.fixture(scope="module")
 def open_node(etcd_server: LocalEtcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """A node with --auth none."""
     node = start_node(
-        etcd_server,
+        etcd_server.url,
         tmp_path_factory.mktemp("node"),
         auth="none",
         domain=DOMAIN,
@@ -54,7 +49,9 @@ def open_node(etcd_server: LocalEtcd, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def digest_node(etcd_server: LocalEtcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """A node with --auth digest and two users."""
-    node = start_node(etcd_server, tmp_path_factory.mktemp("node"), auth="digest", domain=DOMAIN)
+    node = start_node(
+        etcd_server.url, tmp_path_factory.mktemp("node"), auth="digest", domain=DOMAIN
+    )
     for user in ("alice", "bob"):
         add_user(node, f"{user}@{DOMAIN}", f"{user}-secret")
     yield node
@@ -167,7 +164,7 @@ def node_gauge(node: Node, name: str) -> float:
 def test_challenges_keep_no_transaction(etcd_server: LocalEtcd, tmp_path: Path) -> None:
     # RFC 3261 8.2.7, 26.1.5: REGISTERs without credentials are challenged by a
     # stateless UAS; a retransmission gets the same To tag.
-    node = start_node(etcd_server, tmp_path, auth="digest", domain=DOMAIN)
+    node = start_node(etcd_server.url, tmp_path, auth="digest", domain=DOMAIN)
     try:
 
         async def scenario() -> None:
@@ -420,7 +417,12 @@ def test_unknown_user_too_many_hops_and_loops(open_node: Node) -> None:
 
 def test_redirect_mode(etcd_server: LocalEtcd, tmp_path: Path) -> None:
     node = start_node(
-        etcd_server, tmp_path, auth="none", domain=DOMAIN, extra=["--mode", "redirect"], workers=1
+        etcd_server.url,
+        tmp_path,
+        auth="none",
+        domain=DOMAIN,
+        extra=["--mode", "redirect"],
+        workers=1,
     )
     try:
 

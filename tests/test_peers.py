@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Node
+from harness import Node, start_node
 
 from cluster.etcd import LocalEtcd
 
@@ -20,13 +19,12 @@ AGENT = Path(__file__).with_name("pjsua_agent.py")
 
 @pytest.fixture(scope="module")
 def digest_node(etcd_server: LocalEtcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    node = Node(
+    node = start_node(
         etcd_server.url,
-        f"/test-{uuid.uuid4().hex[:10]}/",
         tmp_path_factory.mktemp("node"),
         auth="digest",
         domain=DOMAIN,
-    ).start()
+    )
     for user in ("alice", "bob"):
         result = subprocess.run(
             [

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Node
+from harness import Node, start_node
 
 from cluster.etcd import LocalEtcd
 from sipcore import (
@@ -67,13 +67,12 @@ def test_the_outcome_table_covers_every_message() -> None:
 
 @pytest.fixture(scope="module")
 def node(etcd_server: LocalEtcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    running = Node(
+    running = start_node(
         etcd_server.url,
-        f"/test-{uuid.uuid4().hex[:10]}/",
         tmp_path_factory.mktemp("node"),
         auth="none",
         domain="example.com",
-    ).start()
+    )
     yield running
     assert running.stop() == 0
 

@@ -15,10 +15,9 @@ import os
 import subprocess
 import sys
 import urllib.request
-import uuid
 from pathlib import Path
 
-from harness import Node, UserAgent
+from harness import Node, UserAgent, start_node
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.etcd import LocalEtcd
@@ -82,14 +81,13 @@ def top_branch_worker(request: Request) -> str | None:
 
 
 def test_a_worker_joins_while_calls_ring(etcd_server: LocalEtcd, tmp_path: Path) -> None:
-    node = Node(
+    node = start_node(
         etcd_server.url,
-        f"/test-{uuid.uuid4().hex[:10]}/",
         tmp_path / "node",
         workers=1,
         auth="none",
         domain=DOMAIN,
-    ).start()
+    )
     joined: subprocess.Popen[bytes] | None = None
     try:
 

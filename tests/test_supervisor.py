@@ -9,11 +9,10 @@ import signal
 import subprocess
 import sys
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
-from harness import Node, free_udp_and_tcp_port
+from harness import Node, free_udp_and_tcp_port, start_node
 
 from cluster.etcd import LocalEtcd, free_port
 from cluster.keys import KeyLayout
@@ -56,7 +55,7 @@ def alive(pid: int) -> bool:
 def test_node_health_metrics_status_and_orderly_stop(
     etcd_server: LocalEtcd, tmp_path: Path
 ) -> None:
-    node = Node(etcd_server.url, f"/test-{uuid.uuid4().hex[:10]}/", tmp_path).start()
+    node = start_node(etcd_server.url, tmp_path)
     try:
         assert http_get(node.http_port, "/healthz")[0] == 200
         assert http_get(node.http_port, "/readyz")[0] == 200
@@ -84,7 +83,7 @@ def test_node_health_metrics_status_and_orderly_stop(
 def test_a_killed_worker_is_replaced_and_leaves_the_ring_at_once(
     etcd_server: LocalEtcd, tmp_path: Path
 ) -> None:
-    node = Node(etcd_server.url, f"/test-{uuid.uuid4().hex[:10]}/", tmp_path).start()
+    node = start_node(etcd_server.url, tmp_path)
     try:
         victim = status(node)["workers"][0]
         victim_id, victim_pid = str(victim["id"]), int(str(victim["pid"]))

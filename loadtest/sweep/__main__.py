@@ -17,7 +17,7 @@ from types import FrameType
 from typing import Any
 
 from ._processes import Launcher, Started
-from ._sipp import SCENARIOS, SIPP_BUFFER, read_statistics, sipp_binary, write_injection
+from ._sipp import SCENARIOS, SIPP_IO_OPTIONS, read_statistics, sipp_binary, write_injection
 from ._steps import (
     WORKLOADS,
     PassRules,
@@ -351,12 +351,7 @@ def _start_callees(
         str(port),
         "-t",
         workload.transport,
-        "-buff_size",
-        SIPP_BUFFER,
-        "-max_recv_loops",
-        "10000",
-        "-max_sched_loops",
-        "10000",
+        *SIPP_IO_OPTIONS,
         "-trace_stat",
         "-stf",
         str(uas_statistics),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 __all__ = [
     "SCENARIOS",
-    "SIPP_BUFFER",
+    "SIPP_IO_OPTIONS",
     "ResponseTimes",
     "SippStatistics",
     "percentile",
@@ -39,7 +39,15 @@ __all__ = [
 SCENARIOS = Path(__file__).resolve().parent.parent / "sipp"
 """loadtest/sipp: the scenario files."""
 
-SIPP_BUFFER = "4194304"
+SIPP_IO_OPTIONS = (
+    "-buff_size",
+    "4194304",
+    "-max_recv_loops",
+    "10000",
+    "-max_sched_loops",
+    "10000",
+)
+"""Options every SIPp of the sweep gets."""
 
 
 def sipp_binary() -> str:

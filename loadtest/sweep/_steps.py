@@ -28,7 +28,7 @@ from ._processes import Launcher, Started
 from ._procfs import cpu_seconds, machine_busy_seconds, sample, udp_counters
 from ._sipp import (
     SCENARIOS,
-    SIPP_BUFFER,
+    SIPP_IO_OPTIONS,
     ResponseTimes,
     SippStatistics,
     percentile,
@@ -246,12 +246,7 @@ def sipp_client_command(
         "5000",
         "-timeout",
         f"{int(time_limit)}s",
-        "-buff_size",
-        SIPP_BUFFER,
-        "-max_recv_loops",
-        "10000",
-        "-max_sched_loops",
-        "10000",
+        *SIPP_IO_OPTIONS,
         "-nostdin",
     ]
     if not scenario.startswith("uac"):
