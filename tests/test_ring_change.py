@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.etcd import LocalEtcd
 from cluster.ring import Ring, branch_worker
-from sipcore import Request, make_ack, make_cancel
+from sipcore import Request, Response, make_ack, make_cancel
 
 DOMAIN = "example.com"
 
@@ -155,14 +155,22 @@ def test_a_worker_joins_while_calls_ring(etcd_server: LocalEtcd, tmp_path: Path)
                 final = await caller.receive_response(300, method="INVITE")
                 assert final.status == 487
                 caller.send(make_ack(invite, final))
-            for _ in range(100):
-                acks = await loop.run_in_executor(None, acks_received, node, "worker-0")
-                if acks - acks_before >= len(moved):
-                    break
-                await asyncio.sleep(0.05)  # polling a counter: no event to await
+            # A last request of a moved call follows the ACKs down the same ordered
+            # pipes (load balancer -> new owner -> first worker): once it is
+            # through, every ACK before it has been handled.
+            caller, invite, _ = moved[-1]
+            caller.send(caller.request("OPTIONS", f"sip:{callee.aor}", call_id=invite.call_id))
+            leftovers: list[Request | Response] = []
+            while not isinstance(message := await callee.receive(), Request) or (
+                message.method != "OPTIONS"
+            ):
+                leftovers.append(message)
+            assert top_branch_worker(message) == first_worker
+            callee.answer(message, 200)
+            assert (await caller.receive_response(200, method="OPTIONS")).status == 200
+            acks = await loop.run_in_executor(None, acks_received, node, "worker-0")
             assert acks - acks_before == len(moved)
             # The callee never saw a second INVITE for any of these calls.
-            leftovers = []
             while not callee.inbox.empty():
                 leftovers.append(callee.inbox.get_nowait())
             assert not [m for m in leftovers if getattr(m, "method", None) == "INVITE"]
