@@ -51,7 +51,7 @@ Why a window: a Txn costs about 0.5 ms of this process's CPU (the gRPC call and
 the wake-ups around it) and 0.55 ms of etcd's whatever its size, against some
 60 us (this process, the benchmark's own work included) and 30 us (etcd) per
 change in it, so at moderate rates the batch size decides the cost.  Measured at
-5,000 changes/s (``python -m registry.benchmark``): no window, 8 changes per
+5,000 changes/s (``python -m loadtest.bench_registry``): no window, 8 changes per
 Txn, 1.1 cores in all; 10 ms, 54 per Txn, half a core.  The 10 ms this adds to
 a REGISTER's answer is nothing next to SIP's timers (T1 = 500 ms).
 

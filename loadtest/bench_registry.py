@@ -9,9 +9,9 @@ the location range with a ``LocationStore`` of their own, as the other workers o
 a node do (they only watch: nobody looks their bindings up), and their CPU per
 commit is measured too.
 
-``python -m registry.benchmark`` starts a local etcd (``cluster.etcd``) in a
+``python -m loadtest.bench_registry`` starts a local etcd (``cluster.etcd``) in a
 temporary directory and prints one line per run: a fixed rate, then a closed
-loop at peak.  It is the only part of ``registry`` that prints.
+loop at peak.
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ from pathlib import Path
 import aetcd
 
 from cluster.keys import KeyLayout
+from registry import Binding, LocationStore, plan_change
 from worker.transport import Peer
-
-from ._binding import Binding
-from ._location import LocationStore, plan_change
 
 __all__ = ["CommitBenchmark", "main", "run_commit_benchmark"]
 
@@ -277,7 +275,7 @@ async def _main(arguments: argparse.Namespace) -> None:
                             batch_window=arguments.batch_window,
                         )
                         follower = result.follower_cpu_per_commit_us
-                        print(  # noqa: T201
+                        print(
                             f"{label:>8}: {result.commits_per_second:8,.0f} commits/s, "
                             f"{result.changes_per_transaction:5.1f} per Txn, CPU per commit: "
                             f"worker {result.client_cpu_per_commit_us:5.1f} us, "
@@ -291,8 +289,8 @@ async def _main(arguments: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    """``python -m registry.benchmark``: run the benchmark on a local etcd."""
-    parser = argparse.ArgumentParser(prog="python -m registry.benchmark", description=__doc__)
+    """``python -m loadtest.bench_registry``: run the benchmark on a local etcd."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_registry", description=__doc__)
     parser.add_argument("--rate", type=float, default=5_000.0, help="the fixed rate, changes/s")
     parser.add_argument("--registrations", type=int, default=50_000)
     parser.add_argument("--aors", type=int, default=10_000)
