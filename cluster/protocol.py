@@ -58,6 +58,7 @@ __all__ = [
     "Inbound",
     "Kind",
     "Outbound",
+    "Peer",
     "inbound_from",
     "pack_frame",
     "unpack_frame",
@@ -73,6 +74,28 @@ class Kind(enum.IntEnum):
     RELEASES = 3
     CONNECTION_CLOSED = 4
     SEND_FAILED = 5
+
+
+class Peer(NamedTuple):
+    """A remote SIP element and the load balancer socket used to reach it."""
+
+    lb_id: str
+    """The load balancer owning the socket (and the TCP connection, if any)."""
+    socket_id: int
+    """The socket on that load balancer."""
+    transport: str
+    """"udp" or "tcp"."""
+    host: str
+    """The remote address (IPv6 without brackets)."""
+    port: int
+    """The remote port."""
+    connection_id: int | None = None
+    """The TCP connection to use when it still exists (a hint), None for UDP."""
+
+    @property
+    def reliable(self) -> bool:
+        """Whether the transport is reliable (RFC 3261 17: no retransmissions)."""
+        return self.transport != "udp"
 
 
 class Inbound(NamedTuple):

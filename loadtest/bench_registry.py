@@ -30,8 +30,8 @@ from pathlib import Path
 import aetcd
 
 from cluster.keys import KeyLayout
+from cluster.protocol import Peer
 from registry import Binding, LocationStore, plan_change
-from worker.transport import Peer
 
 __all__ = ["CommitBenchmark", "main", "run_commit_benchmark"]
 

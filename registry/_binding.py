@@ -33,8 +33,8 @@ from typing import Any
 
 import msgpack
 
+from cluster.protocol import Peer
 from sipcore import URI, NameAddr, SipURI, TelURI, unescape
-from worker.transport import Peer
 
 from ._errors import MalformedRecordError
 

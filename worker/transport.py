@@ -13,34 +13,12 @@ advertised address is what the worker writes into Via and Record-Route.
 from __future__ import annotations
 
 import ipaddress
-from typing import NamedTuple
 
 from cluster.membership import LBRecord, LBSocket
+from cluster.protocol import Peer
 from sipcore import Via
 
 __all__ = ["Peer", "SocketDirectory", "is_ip_address", "response_peer"]
-
-
-class Peer(NamedTuple):
-    """A remote SIP element and the load balancer socket used to reach it."""
-
-    lb_id: str
-    """The load balancer owning the socket (and the TCP connection, if any)."""
-    socket_id: int
-    """The socket on that load balancer."""
-    transport: str
-    """"udp" or "tcp"."""
-    host: str
-    """The remote address (IPv6 without brackets)."""
-    port: int
-    """The remote port."""
-    connection_id: int | None = None
-    """The TCP connection to use when it still exists (a hint), None for UDP."""
-
-    @property
-    def reliable(self) -> bool:
-        """Whether the transport is reliable (RFC 3261 17: no retransmissions)."""
-        return self.transport != "udp"
 
 
 def is_ip_address(host: str) -> bool:
