@@ -1,4 +1,4 @@
-"""Administrative commands: users, status, locations, options.
+"""Administrative commands: users, status, drain, locations, options.
 
 Each talks to etcd (or, for ``options``, to a SIP server) and prints a result;
 failures are one line on standard error and a non-zero exit code.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import getpass
 import json
 import os
@@ -22,7 +23,7 @@ from sipcore import MessageError, Request, Response, SipURI, parse_message, pars
 
 from .config import Settings
 from .keys import KeyLayout
-from .membership import LBRecord, WorkerRecord, connect_etcd
+from .membership import DRAINING, LBRecord, WorkerRecord, connect_etcd
 from .ring import Ring
 
 __all__ = ["run", "send_options"]
@@ -51,6 +52,8 @@ async def run(command: str, arguments: argparse.Namespace, settings: Settings) -
             return await _user(client, keys, arguments)
         if command == "status":
             return await _status(client, keys, arguments.json)
+        if command == "drain":
+            return await _drain(client, keys, arguments.worker, arguments.wait, arguments.timeout)
         return await _locations(client, keys, arguments.aor, arguments.json)
     finally:
         with contextlib.suppress(Exception):
@@ -149,6 +152,59 @@ async def _status(client: Any, keys: KeyLayout, as_json: bool) -> int:
     for row in balancers:
         _print(f"{row['id']:20} {row['pid']:>7} {row['host']:16}  {', '.join(row['sockets'])}")
     return 0
+
+
+async def _drain(
+    client: Any, keys: KeyLayout, worker_id: str, wait: bool, timeout: float | None
+) -> int:
+    """Set the worker's record to ``draining`` (same lease); the worker sees it
+    through its membership watch and drains as on SIGTERM (worker/server.py)."""
+    key = keys.worker(worker_id)
+    found = await client.get(key)
+    if found is None:
+        return _error(f"no worker {worker_id!r} in the cluster (see sipcluster status)")
+    try:
+        record = WorkerRecord.from_json(found.value)
+    except (ValueError, TypeError) as error:
+        return _error(f"the record of worker {worker_id!r} is unreadable: {error}")
+    if record.state != DRAINING:
+        draining = dataclasses.replace(record, state=DRAINING)
+        # Only if the record is still the one read (the worker may have left).
+        written = await client.transaction(
+            compare=[client.transactions.mod(key) == found.mod_revision],
+            success=[client.transactions.put(key, draining.to_json(), lease=found.lease)],
+            failure=[],
+        )
+        if not written[0]:
+            return _error(f"worker {worker_id!r} changed or left meanwhile; try again")
+        _print(f"worker {worker_id} is draining")
+    else:
+        _print(f"worker {worker_id} was already draining")
+    if not wait:
+        return 0
+    try:
+        await asyncio.wait_for(_until_deleted(client, key), timeout)
+    except TimeoutError:
+        return _error(f"worker {worker_id!r} is still draining after {timeout:g} s")
+    _print(f"worker {worker_id} has left the cluster")
+    return 0
+
+
+async def _until_deleted(client: Any, key: bytes) -> None:
+    import aetcd  # noqa: PLC0415
+
+    while True:
+        found = await client.get(key)
+        if found is None:
+            return
+        watch = await client.watch(key, start_revision=found.mod_revision + 1)
+        try:
+            async for event in watch:
+                if event.kind == aetcd.rtypes.EventKind.DELETE:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.cancel()
 
 
 async def _locations(client: Any, keys: KeyLayout, aor: str | None, as_json: bool) -> int:

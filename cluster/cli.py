@@ -7,6 +7,7 @@
     sipcluster worker     one worker
     sipcluster user add|remove|list   credentials in etcd
     sipcluster status     the workers and load balancers of the cluster, and the ring
+    sipcluster drain      drain a worker: no new calls, finish its own, leave
     sipcluster locations  registered bindings
     sipcluster options    send an OPTIONS and exit 0 on a 200 (probes, Helm test)
 
@@ -57,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the cluster's members and ring")
     add_arguments(status, "admin")
     status.add_argument("--json", action="store_true", help="print JSON")
+
+    drain = commands.add_parser("drain", help="drain a worker, which then leaves")
+    add_arguments(drain, "admin")
+    drain.add_argument("worker", metavar="WORKER_ID", help="the worker's id (sipcluster status)")
+    drain.add_argument(
+        "--wait", action="store_true", help="return once the worker has left the cluster"
+    )
+    drain.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="with --wait: give up after this many seconds (exit 1) [default: no limit]",
+    )
 
     locations = commands.add_parser("locations", help="list registered bindings")
     add_arguments(locations, "admin")

@@ -141,6 +141,14 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_positive_seconds(text: str) -> float:
+    """A duration in seconds, more than zero; raises ConfigError."""
+    value = parse_seconds(text)
+    if not value > 0:
+        raise ConfigError(f"{text!r}: expected more than zero seconds")
+    return value
+
+
 def parse_algorithms(text: str) -> str:
     """A digest algorithm name, MD5 or SHA-256 (RFC 8760); raises ConfigError."""
     name = text.strip().upper()
@@ -405,6 +413,30 @@ class Settings:
         parse_positive_int,
         metavar="N",
     )
+    t1: float = _setting(
+        0.5,
+        "T1, the round-trip time estimate the SIP timers derive from (RFC 3261 17.1.1.1); "
+        "a server transaction absorbs retransmissions for 64*T1",
+        frozenset({_RUN, _WORKER}),
+        parse_positive_seconds,
+        metavar="SECONDS",
+    )
+    timer_c: float = _setting(
+        180.0,
+        "Timer C: how long a proxied INVITE may go without a provisional response before "
+        "the proxy cancels it (RFC 3261 16.6 step 11: more than 3 minutes)",
+        frozenset({_RUN, _WORKER}),
+        parse_positive_seconds,
+        metavar="SECONDS",
+    )
+    drain_timeout: float | None = _setting(
+        None,
+        "seconds a draining worker waits for its transactions to end before it leaves the "
+        "cluster anyway (default: Timer C + 64*T1, so that a call still ringing completes)",
+        frozenset({_RUN, _WORKER}),
+        parse_seconds,
+        metavar="SECONDS",
+    )
     log_level: str = _setting(
         "info",
         "the least severe log records written",
@@ -412,6 +444,13 @@ class Settings:
         parse_choice("debug", "info", "warning", "error"),
     )
     log_json: bool = _setting(False, "write logs as JSON lines", _SERVERS, parse_bool)
+
+    @property
+    def drain_seconds(self) -> float:
+        """The drain timeout in effect (``drain_timeout`` or Timer C + 64*T1)."""
+        if self.drain_timeout is not None:
+            return self.drain_timeout
+        return self.timer_c + 64 * self.t1
 
 
 SETTINGS: tuple[Setting, ...] = tuple(

@@ -16,6 +16,12 @@ and ``/metrics`` for the whole node.  Children report over an inherited pipe
   transactions), then etcd.  A second signal kills what is left at once.
 - ``/readyz`` is 200 once the load balancer and every worker started are ready,
   and afterwards while the load balancer and at least one worker are.
+- SIGHUP is a rolling restart: one worker at a time, a new worker is started and,
+  once it is ready, the old one gets SIGTERM and drains (``worker/server.py``);
+  the node stays ready throughout.  A worker that exits after a drain asked
+  through etcd (``sipcluster drain``) is replaced like any other.
+- Stopping the node stops its load balancer first; its workers then get SIGINT
+  (leave at once): with no load balancer nothing could reach them to finish.
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ class Child:
     info: dict[str, Any] = field(default_factory=dict)
     restarts: int = 0
     started: float = 0.0
+    retiring: bool = False
+    """Replaced in a rolling restart: not restarted when it exits."""
+    became_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def name(self) -> str:
@@ -101,6 +110,7 @@ class Supervisor:
         self._http: HealthServer | None = None
         self._etcd_client: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rolling: asyncio.Task[None] | None = None
         self._registry = CollectorRegistry()
         self._children_ready = Gauge(
             "sipcluster_node_processes_ready",
@@ -166,7 +176,11 @@ class Supervisor:
             *_flags("max_contacts", settings.max_contacts),
             *_flags("forking", settings.forking),
             *_flags("max_breadth", settings.max_breadth),
+            *_flags("t1", settings.t1),
+            *_flags("timer_c", settings.timer_c),
         ]
+        if settings.drain_timeout is not None:
+            arguments += _flags("drain_timeout", settings.drain_timeout)
         if settings.nonce_secret_file is not None:
             arguments += _flags("nonce_secret_file", settings.nonce_secret_file)
         return arguments
@@ -190,6 +204,7 @@ class Supervisor:
         environment = dict(os.environ, **{NOTIFY_FD: str(write_end)})
         child.ready = False
         child.draining = False
+        child.became_ready.clear()
         child.info = {}
         child.started = time.monotonic()
         child.process = await asyncio.create_subprocess_exec(
@@ -225,6 +240,7 @@ class Supervisor:
                 event = message.pop("event", None)
                 if event == "ready":
                     child.ready = True
+                    child.became_ready.set()
                     child.info.update(message)
                     log.info("%s ready (%s)", child.name, message.get("id", "?"))
                     self._check_initially_ready()
@@ -269,12 +285,17 @@ class Supervisor:
             return
         child.ready = False
         await self._revoke_lease(child)
-        if self.stopping:
+        if self.stopping or child.retiring:
             return
         if code == EXIT_STARTUP or (not child.info and code != 0 and child.restarts == 0):
             log.error("%s failed at start-up (exit code %s); stopping", child.name, code)
             self.exit_code = 1
             self._signals.put_nowait(signal.SIGTERM)
+            return
+        if child.draining and code == 0:
+            # Drained on request (sipcluster drain): a new worker takes its place.
+            log.info("%s drained and left; starting a new one", child.name)
+            await self._spawn(child)
             return
         delay = _RESTART_DELAYS[min(child.restarts, len(_RESTART_DELAYS) - 1)]
         log.warning("%s exited with code %s; restarting in %.1f s", child.name, code, delay)
@@ -392,16 +413,48 @@ class Supervisor:
             second.cancel()
 
     async def handle_sighup(self) -> None:
-        """SIGHUP: nothing to reload yet (a rolling restart comes with drain)."""
-        log.info("SIGHUP received; no rolling restart in this version")
+        """SIGHUP: replace the workers one at a time (see the module docstring)."""
+        if self._rolling is not None and not self._rolling.done():
+            log.info("SIGHUP: a rolling restart is already under way")
+            return
+        log.info("SIGHUP: rolling restart of the workers")
+        self._rolling = asyncio.get_running_loop().create_task(self._rolling_restart())
+
+    async def _rolling_restart(self) -> None:
+        for old in [c for c in self.children if c.role == "worker" and not c.retiring]:
+            if self.stopping:
+                return
+            new = Child("worker", old.index, self._worker_arguments())
+            self.children.append(new)
+            await self._spawn(new)
+            process = new.process
+            assert process is not None
+            ready = asyncio.ensure_future(new.became_ready.wait())
+            exited = asyncio.ensure_future(process.wait())
+            await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            exited.cancel()
+            if not new.ready:
+                log.error("rolling restart stopped: the new %s did not start", new.name)
+                return
+            old.retiring = True
+            if old.alive and old.process is not None:
+                log.info("rolling restart: %s is ready; draining %s", new.name, old.name)
+                with contextlib.suppress(ProcessLookupError):
+                    old.process.send_signal(signal.SIGTERM)
+                await self._wait_or_kill(old, self.settings.drain_seconds + _STOP_TIMEOUT)
+            self.children.remove(old)
+        log.info("rolling restart done")
 
     async def _stop_all(self) -> None:
-        for role in ("lb", "worker"):
+        if self._rolling is not None:
+            self._rolling.cancel()
+        for role, signum in (("lb", signal.SIGTERM), ("worker", signal.SIGINT)):
             group = [c for c in self.children if c.role == role and c.alive]
             for child in group:
                 assert child.process is not None
                 with contextlib.suppress(ProcessLookupError):
-                    child.process.send_signal(signal.SIGTERM)
+                    child.process.send_signal(signum)
             await asyncio.gather(*(self._wait_or_kill(child) for child in group))
         if self._http is not None:
             await self._http.stop()
@@ -410,13 +463,13 @@ class Supervisor:
                 await self._etcd_client.close()
         await self._stop_etcd()
 
-    async def _wait_or_kill(self, child: Child) -> None:
+    async def _wait_or_kill(self, child: Child, timeout: float = _STOP_TIMEOUT) -> None:
         process = child.process
         assert process is not None
         try:
-            await asyncio.wait_for(process.wait(), _STOP_TIMEOUT)
+            await asyncio.wait_for(process.wait(), timeout)
         except TimeoutError:
-            log.warning("%s did not stop in %.0f s; killing it", child.name, _STOP_TIMEOUT)
+            log.warning("%s did not stop in %.0f s; killing it", child.name, timeout)
             process.kill()
             await process.wait()
 

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +143,10 @@ class Node:
                 process.wait()
         return process.returncode
 
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> str:
+        """The first line of the node's log holding ``text``, once it is there."""
+        return self._drain.wait_for(text, timeout)
+
     @property
     def uri_host(self) -> str:
         """host:port for URIs."""
@@ -152,16 +161,30 @@ class Node:
 
 
 class _Drain:
-    def __init__(self, stream: Any, log: list[str]) -> None:
-        import threading  # noqa: PLC0415
+    """Reads the node's standard error into ``log`` on a thread of its own."""
 
-        self.thread = threading.Thread(target=self._run, args=(stream, log), daemon=True)
+    def __init__(self, stream: Any, log: list[str]) -> None:
+        self.log = log
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
         self.thread.start()
 
-    @staticmethod
-    def _run(stream: Any, log: list[str]) -> None:
+    def _run(self, stream: Any) -> None:
         for line in stream:
-            log.append(line.rstrip())
+            with self.changed:
+                self.log.append(line.rstrip())
+                self.changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        """The first line holding ``text``, once it is logged; AssertionError after
+        ``timeout`` seconds."""
+        with self.changed:
+            found = self.changed.wait_for(
+                lambda: next((line for line in self.log if text in line), None), timeout
+            )
+        if found is None:
+            raise AssertionError(f"no log line with {text!r} in {timeout} s: {self.log[-20:]}")
+        return found
 
 
 class UserAgent:
@@ -397,3 +420,60 @@ def start_node(etcd_url: str, data_dir: Path, **options: Any) -> Node:
     """Start a node on etcd at ``etcd_url`` under a key prefix of its own (so that
     tests sharing one etcd never see each other's members or bindings)."""
     return Node(etcd_url, f"/test-{uuid.uuid4().hex[:10]}/", data_dir, **options).start()
+
+
+def cli(*arguments: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``sipcluster ARGUMENTS`` and return what it did."""
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def status(node: Node) -> dict[str, list[dict[str, object]]]:
+    """``sipcluster status --json`` for the node's cluster."""
+    result = cli("status", "--etcd", node.etcd_url, "--etcd-prefix", node.prefix, "--json")
+    assert result.returncode == 0, result.stderr
+    parsed: dict[str, list[dict[str, object]]] = json.loads(result.stdout)
+    return parsed
+
+
+def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
+    """GET ``path``: the status code and the body."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def members_until(
+    etcd_url: str, prefix: str, done: Callable[[Any], bool], timeout: float = 30.0
+) -> Any:
+    """Follow the cluster's membership until ``done(view)``; returns that view.
+
+    Raises TimeoutError after ``timeout`` seconds.
+    """
+    from cluster.keys import KeyLayout  # noqa: PLC0415
+    from cluster.membership import MemberView, MemberWatch, connect_etcd  # noqa: PLC0415
+
+    client = await connect_etcd(etcd_url)
+    reached = asyncio.Event()
+    seen: list[MemberView] = []
+
+    def changed(view: MemberView) -> None:
+        if done(view):
+            seen.append(view)
+            reached.set()
+
+    follower = MemberWatch(client, KeyLayout(prefix), changed)
+    follower.start()
+    try:
+        await asyncio.wait_for(reached.wait(), timeout)
+    finally:
+        await follower.stop()
+        await client.close()
+    return seen[0]

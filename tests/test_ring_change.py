@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -180,6 +181,6 @@ def test_a_worker_joins_while_calls_ring(etcd_server: LocalEtcd, tmp_path: Path)
         asyncio.run(scenario())
     finally:
         if joined is not None:
-            joined.terminate()
+            joined.send_signal(signal.SIGINT)  # leave at once (SIGTERM would drain)
             assert joined.wait(30) == 0
         assert node.stop() == 0

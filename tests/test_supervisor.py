@@ -3,45 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
-from harness import Node, free_udp_and_tcp_port, start_node
+from harness import cli, free_udp_and_tcp_port, http_get, start_node, status
 
 from cluster.etcd import LocalEtcd, free_port
 from cluster.keys import KeyLayout
 from cluster.membership import MemberView, MemberWatch, connect_etcd
-
-
-def cli(*arguments: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def status(node: Node) -> dict[str, list[dict[str, object]]]:
-    result = cli("status", "--etcd", node.etcd_url, "--etcd-prefix", node.prefix, "--json")
-    assert result.returncode == 0, result.stderr
-    parsed: dict[str, list[dict[str, object]]] = json.loads(result.stdout)
-    return parsed
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
 
 
 def alive(pid: int) -> bool:

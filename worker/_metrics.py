@@ -34,6 +34,8 @@ class WorkerMetrics:
         """Messages refused as malformed."""
         self.forwarded = 0
         """Requests forwarded to the worker holding their call (handoff)."""
+        self.draining = False
+        """Whether the worker is draining."""
         self._transactions = transactions
         self._bindings = bindings
         registry.register(self)
@@ -66,6 +68,11 @@ class WorkerMetrics:
         )
         yield GaugeMetricFamily(
             "sipcluster_worker_transactions", "Live SIP transactions", value=self._transactions()
+        )
+        yield GaugeMetricFamily(
+            "sipcluster_worker_draining",
+            "1 while the worker drains (takes no new calls), else 0",
+            value=1.0 if self.draining else 0.0,
         )
         yield GaugeMetricFamily(
             "sipcluster_worker_bindings", "Bindings in the location cache", value=self._bindings()

@@ -10,6 +10,16 @@ per load balancer and sent as one frame per event-loop pass.
 Warm-up before ready: the worker loads the bindings and the credentials from etcd
 (and follows them with watches), then registers itself as a member; the load
 balancers start sending to it once they see its record.
+
+Drain (SIGTERM, or ``sipcluster drain`` setting its record's state): the worker
+rewrites its record as ``draining`` and its ``/readyz`` turns 503 at once.  The
+rings of every process drop it, so new calls go elsewhere, while the handoff
+(``worker/handoff.py``) keeps the CANCELs, ACKs and retransmissions of its live
+transactions coming to it, and responses reach it by the worker id in their
+branch.  Once it has held no transaction for ``DRAIN_QUIET`` seconds, or at the
+drain timeout (Timer C + 64*T1 by default, so that a call still ringing
+completes), it revokes its lease and exits.  SIGINT, or a second SIGTERM, leaves
+at once.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ from cluster.membership import (
     WorkerRecord,
     connect_etcd,
 )
-from cluster.notify import notify_ready
+from cluster.notify import notify, notify_ready
 from cluster.protocol import Inbound, Kind, Outbound, inbound_from, pack_frame, unpack_frame
 from cluster.ring import check_worker_id
 from sipcore import (
@@ -86,6 +96,10 @@ GC_THRESHOLDS = (2_000, 20, 100)
 GC_FREEZE_SECONDS = 0.5
 GC_SWEEP_SECONDS = 600.0
 _HOLD_LIMIT = 10_000
+# A drained worker stays this long without a transaction before it leaves: every
+# load balancer has seen its draining record by then (a watch event, milliseconds),
+# so nothing more is on its way to it.
+DRAIN_QUIET = 1.0
 
 
 def _worker_id(settings: Settings) -> str:
@@ -102,11 +116,15 @@ class Worker:
         self.id = _worker_id(settings)
         self.keys = KeyLayout(settings.etcd_prefix)
         self.sockets = SocketDirectory()
-        self.layer = TransactionLayer(TransactionConfig())
+        self.layer = TransactionLayer(
+            TransactionConfig(t1=settings.t1, t2=max(4.0, settings.t1), timer_c=settings.timer_c)
+        )
         self.handoff = Handoff(self.id)
         self.view = MemberView()
         self.draining = False
         self.ready = False
+        self._drained = asyncio.Event()
+        self._idle_since: float | None = None
         self._outgoing: dict[str, list[list[Any]]] = {}
         self._to_workers: dict[str, list[list[Any]]] = {}
         self._flush_scheduled = False
@@ -185,14 +203,15 @@ class Worker:
         gc.set_threshold(*GC_THRESHOLDS)
         self._gc_swept = self.clock()
         self._gc_timer = self._loop().call_later(GC_FREEZE_SECONDS, self._gc_tick)
-        self.registration = Registration(
-            settings.etcd, self.keys.worker(self.id), settings.lease_ttl
-        )
-        await self.registration.start(self.client, self._record().to_json())
+        # The HTTP endpoint first: its address goes into the membership record.
         self.http = HealthServer(
             settings.http.host, settings.http.port, ready=lambda: self.ready and not self.draining
         )
         await self.http.start()
+        self.registration = Registration(
+            settings.etcd, self.keys.worker(self.id), settings.lease_ttl
+        )
+        await self.registration.start(self.client, self._record().to_json())
         self.ready = True
         notify_ready(self.id, self.http.address, lease=self.registration.lease_id)
         log.info("worker %s ready: inbox %s, http %s", self.id, self.endpoint, self.http.address)
@@ -275,6 +294,11 @@ class Worker:
 
     def _members_changed(self, view: MemberView) -> None:
         self.view = view
+        own = view.workers.get(self.id)
+        if own is not None and own.state == DRAINING and not self.draining and self.ready:
+            # ``sipcluster drain`` wrote our record: the same as a SIGTERM.
+            log.info("worker %s: drain requested through etcd", self.id)
+            self._signals.put_nowait(signal.SIGTERM)
         self.sockets.update(view.lbs)
         alive = set(view.workers)
         for worker in list(self.handoff.alive - alive):
@@ -437,6 +461,8 @@ class Worker:
             self._outgoing.setdefault(peer.lb_id, []).append(envelope)
         self._schedule_flush()
         self._arm_timer()
+        if self.draining:
+            self._check_drained()
 
     def _dispatch(self, event: Event, now: float) -> None:
         if isinstance(event, RequestReceived):
@@ -591,7 +617,10 @@ class Worker:
     # ---------------------------------------------------------------- running
 
     async def run(self) -> int:
-        """Serve until a signal stops the worker; returns the exit code."""
+        """Serve until a signal stops the worker; returns the exit code.
+
+        SIGTERM drains first (see the module docstring); SIGINT leaves at once.
+        """
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._signals.put_nowait, signum)
@@ -600,12 +629,72 @@ class Worker:
         except (ConnectionError, OSError, TimeoutError, zmq.ZMQError) as error:
             log.error("worker could not start: %s", error)
             return EXIT_STARTUP
-        await self._signals.get()
-        await self.handle_sigterm()
+        if await self._signals.get() == signal.SIGTERM:
+            await self.drain()
+        await self.leave()
         return 0
 
-    async def handle_sigterm(self) -> None:
-        """Leave the cluster and stop."""
+    async def drain(self) -> None:
+        """Stop taking new calls, finish the transactions held here.
+
+        Returns once none has been left for ``DRAIN_QUIET`` seconds, at the drain
+        timeout, or when another signal asks to leave at once.
+        """
+        self.draining = True
+        self.metrics.draining = True
+        notify("draining", id=self.id)
+        timeout = self.settings.drain_seconds
+        log.info(
+            "worker %s draining: %d transactions; leaving when none remain (at most %.0f s)",
+            self.id,
+            self.layer.transaction_count,
+            timeout,
+        )
+        try:
+            await self.registration.update(self._record().to_json())
+        except Exception as error:
+            # etcd unreachable: the load balancers keep routing by their last ring;
+            # the drain still waits for this worker's transactions.
+            log.warning("worker %s could not publish its draining state: %s", self.id, error)
+        started = self.clock()
+        self._check_drained()
+        drained = asyncio.ensure_future(self._drained.wait())
+        interrupted = asyncio.ensure_future(self._signals.get())
+        await asyncio.wait(
+            {drained, interrupted}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for waiter in (drained, interrupted):
+            waiter.cancel()
+        left = self.layer.transaction_count
+        elapsed = self.clock() - started
+        if self._drained.is_set():
+            log.info("worker %s drained in %.1f s", self.id, elapsed)
+        elif interrupted.done() and not interrupted.cancelled():
+            log.warning("worker %s: drain interrupted with %d transactions left", self.id, left)
+        else:
+            log.warning(
+                "worker %s: drain timeout (%.0f s) with %d transactions left",
+                self.id,
+                elapsed,
+                left,
+            )
+
+    def _check_drained(self) -> None:
+        """Set ``_drained`` once no transaction has been held for DRAIN_QUIET s."""
+        if self._drained.is_set():
+            return
+        if self.layer.transaction_count or self._waiting:
+            self._idle_since = None
+            return
+        now = self.clock()
+        if self._idle_since is None:
+            self._idle_since = now
+            self._loop().call_later(DRAIN_QUIET, self._check_drained)
+        elif now - self._idle_since >= DRAIN_QUIET * 0.99:
+            self._drained.set()
+
+    async def leave(self) -> None:
+        """Leave the cluster (revoke the lease: the record disappears) and stop."""
         self.ready = False
         if self._gc_timer is not None:
             self._gc_timer.cancel()
