@@ -28,6 +28,8 @@ from .ring import Ring
 
 __all__ = ["run", "send_options"]
 
+_DRAIN_ATTEMPTS = 5
+
 
 def _print(text: str) -> None:
     sys.stdout.write(text + "\n")
@@ -160,26 +162,29 @@ async def _drain(
     """Set the worker's record to ``draining`` (same lease); the worker sees it
     through its membership watch and drains as on SIGTERM (worker/server.py)."""
     key = keys.worker(worker_id)
-    found = await client.get(key)
-    if found is None:
-        return _error(f"no worker {worker_id!r} in the cluster (see sipcluster status)")
-    try:
-        record = WorkerRecord.from_json(found.value)
-    except (ValueError, TypeError) as error:
-        return _error(f"the record of worker {worker_id!r} is unreadable: {error}")
-    if record.state != DRAINING:
+    for _ in range(_DRAIN_ATTEMPTS):
+        found = await client.get(key)
+        if found is None:
+            return _error(f"no worker {worker_id!r} in the cluster (see sipcluster status)")
+        try:
+            record = WorkerRecord.from_json(found.value)
+        except (ValueError, TypeError) as error:
+            return _error(f"the record of worker {worker_id!r} is unreadable: {error}")
+        if record.state == DRAINING:
+            _print(f"worker {worker_id} was already draining")
+            break
         draining = dataclasses.replace(record, state=DRAINING)
-        # Only if the record is still the one read (the worker may have left).
+        # Only over the record just read: the worker rewrites it (its load).
         written = await client.transaction(
             compare=[client.transactions.mod(key) == found.mod_revision],
             success=[client.transactions.put(key, draining.to_json(), lease=found.lease)],
             failure=[],
         )
-        if not written[0]:
-            return _error(f"worker {worker_id!r} changed or left meanwhile; try again")
-        _print(f"worker {worker_id} is draining")
+        if written[0]:
+            _print(f"worker {worker_id} is draining")
+            break
     else:
-        _print(f"worker {worker_id} was already draining")
+        return _error(f"worker {worker_id!r} kept changing its record; try again")
     if not wait:
         return 0
     try:

@@ -437,6 +437,14 @@ class Settings:
         parse_seconds,
         metavar="SECONDS",
     )
+    overload_target: float = _setting(
+        0.020,
+        "queueing delay (seconds) above which a worker refuses a growing share of new "
+        "requests with 503 (RFC 6357); 0 turns overload control off",
+        frozenset({_RUN, _WORKER}),
+        parse_seconds,
+        metavar="SECONDS",
+    )
     log_level: str = _setting(
         "info",
         "the least severe log records written",
@@ -472,6 +480,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         default_text = setting.default
         if isinstance(default_text, tuple):
             default_text = ", ".join(map(str, default_text)) or "none"
+        # A yes/no flag alone means yes: ``--log-json`` as ``--log-json true``.
+        flag_alone: dict[str, Any] = (
+            {"nargs": "?", "const": "true"} if setting.parse is parse_bool else {}
+        )
         parser.add_argument(
             setting.flag,
             dest=setting.name,
@@ -479,6 +491,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             default=None,
             metavar=setting.metavar or setting.name.upper(),
             help=f"{setting.help} [{setting.environment}; default: {default_text}]",
+            **flag_alone,
         )
 
 

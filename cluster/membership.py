@@ -3,7 +3,9 @@
 Every load balancer and worker writes a record under ``members/`` (see
 ``cluster/keys.py``) attached to a lease of its own that it keeps alive; when the
 process dies the lease expires and the record disappears, and a supervisor that
-sees a child die revokes the lease at once.
+sees a child die revokes the lease at once.  A lease that etcd expired while the
+process lives (etcd frozen or cut off from it for longer than the TTL) is
+replaced by a new one and the record written again (``Registration``).
 
 ``MemberWatch`` keeps an up-to-date view of the records: it reads them all, then
 follows a prefix watch from the next revision, and starts over from a fresh read
@@ -27,6 +29,7 @@ from typing import Any
 import aetcd
 
 from .keys import KeyLayout
+from .notify import notify
 from .ring import Ring
 
 __all__ = [
@@ -37,12 +40,15 @@ __all__ = [
     "Registration",
     "WorkerRecord",
     "connect_etcd",
+    "last_published_view",
 ]
 
 log = logging.getLogger(__name__)
 
 ACTIVE = "active"
 DRAINING = "draining"
+
+_last_published: MemberView | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +169,12 @@ class MemberView:
         return sorted(w.id for w in self.workers.values() if w.state == ACTIVE)
 
 
+def last_published_view() -> MemberView | None:
+    """The view a ``MemberWatch`` of this process published last (None before the
+    first): a worker has one watch, and its metrics read the ring from here."""
+    return _last_published
+
+
 async def connect_etcd(url: str, timeout: float = 5.0) -> aetcd.Client:
     """Connect to etcd at ``url`` (http://host:port) and check it answers.
 
@@ -195,7 +207,12 @@ class Registration:
     """This process's record in etcd, under a lease kept alive until ``stop``.
 
     The keepalive runs on its own thread with its own event loop and etcd
-    connection, so that a busy main loop never makes the lease expire.
+    connection, so that a busy main loop never makes the lease expire.  When etcd
+    expired the lease all the same (it was frozen or cut off from this process
+    for longer than the TTL), the thread reports it and the record is written
+    again, the last value given, under a new lease granted on the main loop
+    (retried until etcd answers); a supervisor is told the new lease
+    (``cluster/notify.py``) so that it can still revoke it should the process die.
     """
 
     def __init__(self, url: str, key: bytes, ttl: int) -> None:
@@ -203,32 +220,87 @@ class Registration:
         self.key = key
         self.ttl = ttl
         self.lease_id: int | None = None
+        self.renewals = 0
+        """How many times a lost lease was replaced."""
         self._client: aetcd.Client | None = None
+        self._value = b""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._renewing: asyncio.Task[None] | None = None
+        self._stopped = False
 
     async def start(self, client: aetcd.Client, value: bytes) -> None:
         """Grant the lease and write the record; raises aetcd errors."""
+        self._value = value
         lease = await client.lease(self.ttl)
         self.lease_id = lease.id
         await client.put(self.key, value, lease=lease.id)
         self._client = client
+        self._loop = asyncio.get_running_loop()
         from ._keepalive import KeepaliveThread  # noqa: PLC0415 - thread only when used
 
-        self._keepalive = KeepaliveThread(self.url, lease.id, self.ttl)
+        self._keepalive = KeepaliveThread(self.url, lease.id, self.ttl, self._lost_threadsafe)
         self._keepalive.start()
 
     async def update(self, value: bytes) -> None:
-        """Rewrite the record (same lease)."""
+        """Rewrite the record (same lease); raises aetcd errors.  The value is kept
+        even when the write fails: a record written again after a lost lease has it."""
         assert self._client is not None
+        self._value = value
         await self._client.put(self.key, value, lease=self.lease_id)
 
     async def stop(self) -> None:
         """Stop the keepalive and revoke the lease: the record disappears at once."""
+        self._stopped = True
+        renewing = self._renewing
+        if renewing is not None and not renewing.done():
+            renewing.cancel()
+            await asyncio.wait({renewing}, timeout=1.0)
         keepalive = getattr(self, "_keepalive", None)
         if keepalive is not None:
             keepalive.stop()
         if self._client is not None and self.lease_id is not None:
             with contextlib.suppress(Exception):
                 await self._client.revoke_lease(self.lease_id)
+
+    def _lost_threadsafe(self, lease_id: int) -> None:
+        """The keepalive thread found ``lease_id`` gone (called on that thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._lost, lease_id)
+
+    def _lost(self, lease_id: int) -> None:
+        if self._stopped or lease_id != self.lease_id:
+            return
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.get_running_loop().create_task(
+                self._renew(), name="membership-renew"
+            )
+
+    async def _renew(self) -> None:
+        """Grant a new lease and write the record under it, until it worked."""
+        assert self._client is not None
+        delay = 0.2
+        while not self._stopped:
+            try:
+                lease = await asyncio.wait_for(self._client.lease(self.ttl), 5.0)
+                self.lease_id = lease.id
+                self._keepalive.lease_id = lease.id
+                value = None
+                while value is not self._value:  # an update() during the put: again
+                    value = self._value
+                    await asyncio.wait_for(self._client.put(self.key, value, lease=lease.id), 5.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("cannot write the membership record again (%s); retrying", error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self.renewals += 1
+            log.warning("membership record %s written again under a new lease", self.key.decode())
+            notify("lease", lease=lease.id)
+            return
 
 
 class MemberWatch:
@@ -290,6 +362,8 @@ class MemberWatch:
         active = view.active_workers()
         if list(view.ring.workers) != active:
             view.ring = Ring(active, revision)
+        global _last_published  # noqa: PLW0603 - one view per process, for its metrics
+        _last_published = view
         if self.on_change is not None:
             self.on_change(view)
 

@@ -5,9 +5,10 @@ whose file descriptor is in ``SIPCLUSTER_NOTIFY_FD`` (after systemd's
 sd_notify).  The child writes one JSON object per line: ``{"event": "ready",
 "id": ..., "http": "host:port", "lease": ...}`` once it serves (the supervisor
 revokes that lease should the child die), ``{"event": "draining"}`` when it
-starts draining.  A process started by hand has no such variable and notifies
-nobody.  The descriptor stays open: the supervisor sees end-of-file when the
-child exits.
+starts draining, ``{"event": "lease", "lease": ...}`` when its lease expired in
+etcd and a new one replaced it (``cluster/membership.py``).  A process
+started by hand has no such variable and notifies nobody.  The descriptor
+stays open: the supervisor sees end-of-file when the child exits.
 """
 
 from __future__ import annotations

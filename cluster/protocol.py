@@ -36,6 +36,12 @@ connection to its destination could not be opened)::
 
     [SEND_FAILED, lb_id, data]
 
+``STAMP`` (load balancer -> worker, the first envelope of every frame): the
+wall-clock time (seconds since the epoch) the frame's first message arrived at
+the load balancer; the worker's overload control measures queueing with it::
+
+    [STAMP, time]
+
 Field meanings: ``ring`` is a ring fingerprint (``cluster/ring.py``);
 ``complete`` in CLAIMS says the sender has listed every call it holds whose owner
 moved to the receiver under that ring; ``transport`` is "udp" or "tcp"; ``advertised`` is the
@@ -74,6 +80,7 @@ class Kind(enum.IntEnum):
     RELEASES = 3
     CONNECTION_CLOSED = 4
     SEND_FAILED = 5
+    STAMP = 6
 
 
 class Peer(NamedTuple):

@@ -178,6 +178,7 @@ class Supervisor:
             *_flags("max_breadth", settings.max_breadth),
             *_flags("t1", settings.t1),
             *_flags("timer_c", settings.timer_c),
+            *_flags("overload_target", settings.overload_target),
         ]
         if settings.drain_timeout is not None:
             arguments += _flags("drain_timeout", settings.drain_timeout)
@@ -246,6 +247,9 @@ class Supervisor:
                     self._check_initially_ready()
                 elif event == "draining":
                     child.draining = True
+                elif event == "lease" and "lease" in message:
+                    # Its lease was lost and replaced (cluster/membership.py).
+                    child.info["lease"] = message["lease"]
         finally:
             transport.close()
 
@@ -263,6 +267,8 @@ class Supervisor:
         udp = next((listen for listen in settings.listen if listen.transport == "udp"), None)
         proxy = f"{udp.host}:{udp.port}" if udp else sockets
         log.info("sipcluster is ready: SIP on %s, HTTP on %s", sockets, settings.http)
+        if settings.log_json:
+            return  # JSON lines only: the instructions below are for a terminal
         if settings.auth == "digest":
             add_user = (
                 f"  sipcluster user add --etcd {self.etcd_url} alice@{domain} --password secret\n"

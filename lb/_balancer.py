@@ -66,6 +66,7 @@ from cluster.membership import (
     Registration,
     connect_etcd,
 )
+from cluster.metrics import message_label, response_label
 from cluster.notify import notify_ready
 from cluster.protocol import Kind, pack_frame, unpack_frame
 from cluster.ring import Ring, branch_worker, slot_of
@@ -294,6 +295,7 @@ class LoadBalancer:
             self.counters,
             active_workers=lambda: len(self._ring.workers),
             tcp_connections=lambda: len(self._connections),
+            view=lambda: self._watch.view if self._watch is not None else None,
         )
         """The Prometheus registry and histograms (served on /metrics)."""
 
@@ -569,10 +571,10 @@ class LoadBalancer:
         counters = self.counters
         ring = self._ring
         if data.startswith(b"SIP/2.0 "):
-            counters.udp_responses_received += 1
+            counters.udp_received[response_label(data)] += 1
             worker = self._response_owner(data, address[0], address[1])
         elif REQUEST_LINE_RE.match(data) is not None:
-            counters.udp_requests_received += 1
+            counters.udp_received[message_label(data)] += 1
             call_id = extract_call_id(data)
             worker = ring.owner(
                 slot_of(call_id if call_id is not None else address_key(address[0], address[1]))
@@ -614,7 +616,7 @@ class LoadBalancer:
         elif data == PONG:
             pass  # a pong, or a stray CRLF (RFC 3261 7.5): nothing to do
         elif looks_like_response(data):  # a lower-case "sip/2.0" (RFC 3261 7.1)
-            self.counters.udp_responses_received += 1
+            self.counters.udp_received[response_label(data)] += 1
             host, port = address[0], address[1]
             self._forward(data, True, host, port, endpoint.socket_id, "udp", endpoint.advertised)
         else:
@@ -684,7 +686,9 @@ class LoadBalancer:
             else:
                 self._running_loop().call_soon(self._flush)
             self._pass_started = time.perf_counter()
-        self._batches[worker] = [envelope]
+        # Each frame opens with the time its first message arrived: the worker
+        # measures its queueing delay with it (worker/overload.py).
+        self._batches[worker] = [[Kind.STAMP, time.time()], envelope]
 
     def _flush(self) -> None:
         """Send each worker's batch as one frame (NOBLOCK; a full queue drops it)."""
@@ -712,7 +716,7 @@ class LoadBalancer:
                 log.warning("cannot send to worker %s: %s", worker, error)
                 continue
             observe_latency(time.perf_counter() - started)
-            observe_size(len(envelopes))
+            observe_size(len(envelopes) - 1)  # not the stamp
 
     # --------------------------------------------------------- inbound: TCP
 
@@ -751,10 +755,10 @@ class LoadBalancer:
     def stream_message_received(self, connection: TcpConnection, data: bytes) -> None:
         """Route a message framed on a TCP connection."""
         if looks_like_response(data):
-            self.counters.tcp_responses_received += 1
+            self.counters.tcp_received[response_label(data)] += 1
             response = True
         elif looks_like_request(data):
-            self.counters.tcp_requests_received += 1
+            self.counters.tcp_received[message_label(data)] += 1
             response = False
         else:
             # Not SIP: the stream is not a SIP stream; never forward junk.
@@ -825,7 +829,7 @@ class LoadBalancer:
                 kind, socket_id, transport, host, port, connection_id, data = envelope
                 if kind != _OUTBOUND:
                     raise ValueError(f"unexpected envelope kind {kind!r}")
-                response = data.startswith(b"SIP/2.0 ")
+                label = message_label(data)
                 if transport == "udp":
                     # From the socket the worker named: the one the client sent to, so
                     # the reply passes its NAT binding (RFC 3581 4, RFC 3261 18.2.2).
@@ -833,16 +837,10 @@ class LoadBalancer:
                     if sender is None:
                         raise ValueError(f"no UDP socket {socket_id!r}")
                     sender(data, (host, port))
-                    if response:
-                        counters.udp_responses_sent += 1
-                    else:
-                        counters.udp_requests_sent += 1
+                    counters.udp_sent[label] += 1
                 elif transport == "tcp":
                     if self._send_tcp(socket_id, host, port, connection_id, data):
-                        if response:
-                            counters.tcp_responses_sent += 1
-                        else:
-                            counters.tcp_requests_sent += 1
+                        counters.tcp_sent[label] += 1
                     else:
                         counters.send_failed += 1
                 else:

@@ -17,6 +17,9 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from cluster.membership import MemberView
+from cluster.metrics import label_values, new_label_counts, ring_families
+
 __all__ = ["DROP_REASONS", "Counters", "Metrics"]
 
 DROP_REASONS = (
@@ -35,7 +38,13 @@ overflowed and the connection was closed."""
 
 
 class Counters:
-    """Plain integers the hot path increments; read at scrape time."""
+    """Plain integers the hot path increments; read at scrape time.
+
+    Messages count by transport and direction in dictionaries keyed by
+    ``cluster.metrics.message_label`` (the method of a request, the status class
+    of a response), which hold every label from the start:
+    ``counters.udp_received[message_label(data)] += 1``.
+    """
 
     __slots__ = (
         "bad_envelope",
@@ -44,29 +53,29 @@ class Counters:
         "not_sip",
         "send_failed",
         "tcp_overflow",
-        "tcp_requests_received",
-        "tcp_requests_sent",
-        "tcp_responses_received",
-        "tcp_responses_sent",
-        "udp_requests_received",
-        "udp_requests_sent",
-        "udp_responses_received",
-        "udp_responses_sent",
+        "tcp_received",
+        "tcp_sent",
+        "udp_received",
+        "udp_sent",
         "zmq_full",
     )
 
     def __init__(self) -> None:
         for name in self.__slots__:
             setattr(self, name, 0)
+        self.udp_received = new_label_counts()
+        self.tcp_received = new_label_counts()
+        self.udp_sent = new_label_counts()
+        self.tcp_sent = new_label_counts()
 
-    udp_requests_received: int
-    udp_responses_received: int
-    tcp_requests_received: int
-    tcp_responses_received: int
-    udp_requests_sent: int
-    udp_responses_sent: int
-    tcp_requests_sent: int
-    tcp_responses_sent: int
+    udp_received: dict[str, int]
+    """Messages received over UDP, by label."""
+    tcp_received: dict[str, int]
+    """Messages received over TCP, by label."""
+    udp_sent: dict[str, int]
+    """Messages sent over UDP, by label."""
+    tcp_sent: dict[str, int]
+    """Messages sent over TCP, by label."""
     keepalives_answered: int
     not_sip: int
     no_worker: int
@@ -75,10 +84,54 @@ class Counters:
     send_failed: int
     tcp_overflow: int
 
+    @property
+    def udp_requests_received(self) -> int:
+        """Requests received over UDP."""
+        return _total(self.udp_received, "request")
+
+    @property
+    def udp_responses_received(self) -> int:
+        """Responses received over UDP."""
+        return _total(self.udp_received, "response")
+
+    @property
+    def tcp_requests_received(self) -> int:
+        """Requests received over TCP."""
+        return _total(self.tcp_received, "request")
+
+    @property
+    def tcp_responses_received(self) -> int:
+        """Responses received over TCP."""
+        return _total(self.tcp_received, "response")
+
+    @property
+    def udp_requests_sent(self) -> int:
+        """Requests sent over UDP."""
+        return _total(self.udp_sent, "request")
+
+    @property
+    def udp_responses_sent(self) -> int:
+        """Responses sent over UDP."""
+        return _total(self.udp_sent, "response")
+
+    @property
+    def tcp_requests_sent(self) -> int:
+        """Requests sent over TCP."""
+        return _total(self.tcp_sent, "request")
+
+    @property
+    def tcp_responses_sent(self) -> int:
+        """Responses sent over TCP."""
+        return _total(self.tcp_sent, "response")
+
     def dropped(self, reason: str) -> int:
         """The count of drops for ``reason`` (one of DROP_REASONS)."""
         value: int = getattr(self, reason)
         return value
+
+
+def _total(counts: dict[str, int], kind: str) -> int:
+    return sum(count for label, count in counts.items() if label_values(label)[0] == kind)
 
 
 class _CounterCollector:
@@ -89,34 +142,37 @@ class _CounterCollector:
         counters: Counters,
         active_workers: Callable[[], int],
         tcp_connections: Callable[[], int],
+        view: Callable[[], MemberView | None],
     ) -> None:
         self._counters = counters
         self._active_workers = active_workers
         self._tcp_connections = tcp_connections
+        self._view = view
 
     def collect(self) -> Iterable[Metric]:
         """The current values (called by the registry at scrape time)."""
         counters = self._counters
-        labels = ["transport", "direction"]
+        labels = ["transport", "direction", "method", "status_class"]
         received = CounterMetricFamily(
             "sipcluster_lb_messages_received",
-            "SIP messages received from clients and forwarded to workers",
+            "SIP messages received from clients, by transport, direction (request, "
+            "response), method (requests) and status class (responses)",
             labels=labels,
         )
         sent = CounterMetricFamily(
             "sipcluster_lb_messages_sent",
-            "SIP messages sent to clients on the workers' behalf",
+            "SIP messages sent to clients on the workers' behalf, by transport, "
+            "direction, method (requests) and status class (responses)",
             labels=labels,
         )
-        for transport in ("udp", "tcp"):
-            for direction in ("request", "response"):
-                received.add_metric(
-                    [transport, direction],
-                    getattr(counters, f"{transport}_{direction}s_received"),
-                )
-                sent.add_metric(
-                    [transport, direction], getattr(counters, f"{transport}_{direction}s_sent")
-                )
+        for family, by_transport in (
+            (received, (("udp", counters.udp_received), ("tcp", counters.tcp_received))),
+            (sent, (("udp", counters.udp_sent), ("tcp", counters.tcp_sent))),
+        ):
+            for transport, counts in by_transport:
+                for label, count in counts.items():
+                    if count:
+                        family.add_metric([transport, *label_values(label)], count)
         dropped = CounterMetricFamily(
             "sipcluster_lb_dropped",
             "messages dropped, by reason (not_sip, no_worker, zmq_full, bad_envelope, "
@@ -138,7 +194,15 @@ class _CounterCollector:
         connections = GaugeMetricFamily(
             "sipcluster_lb_tcp_connections", "open TCP connections", value=self._tcp_connections()
         )
-        return [received, sent, dropped, keepalives, workers, connections]
+        return [
+            received,
+            sent,
+            dropped,
+            keepalives,
+            workers,
+            connections,
+            *ring_families("sipcluster_lb", self._view()),
+        ]
 
     def describe(self) -> Iterable[Metric]:
         """The families, for the registry's duplicate check."""
@@ -154,10 +218,11 @@ class Metrics:
         *,
         active_workers: Callable[[], int],
         tcp_connections: Callable[[], int],
+        view: Callable[[], MemberView | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.counters = counters
-        self.registry.register(_CounterCollector(counters, active_workers, tcp_connections))
+        self.registry.register(_CounterCollector(counters, active_workers, tcp_connections, view))
         self.frame_envelopes = Histogram(
             "sipcluster_lb_frame_envelopes",
             "envelopes per ZeroMQ frame sent to a worker",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import aetcd
+
+from cluster.metrics import ETCD_LATENCY
 
 from ._errors import StoreUnavailableError
 
@@ -24,14 +27,18 @@ class LeaseNotFoundError(StoreUnavailableError):
     """A Txn named a lease etcd no longer has."""
 
 
-async def call(awaitable: Awaitable[T], timeout: float | None) -> T:
+async def call(awaitable: Awaitable[T], timeout: float | None, operation: str = "other") -> T:
     """Await an aetcd call within ``timeout`` seconds.
+
+    Its latency, failures and timeouts included, goes into the process's
+    ``cluster.metrics.ETCD_LATENCY`` histogram of ``operation``.
 
     Raises StoreUnavailableError when etcd cannot be reached, does not answer in time
     or fails on its side; LeaseNotFoundError (a StoreUnavailableError) for an unknown lease;
     aetcd's InvalidArgumentError unchanged, since a request etcd refuses as
     malformed (too many operations, a key written twice) is our own bug.
     """
+    started = time.perf_counter()
     try:
         return await asyncio.wait_for(awaitable, timeout)
     except TimeoutError:
@@ -45,6 +52,8 @@ async def call(awaitable: Awaitable[T], timeout: float | None) -> T:
         raise StoreUnavailableError(f"etcd: {text}") from error
     except OSError as error:
         raise StoreUnavailableError(f"etcd: {error}") from error
+    finally:
+        ETCD_LATENCY[operation].observe(time.perf_counter() - started)
 
 
 async def send_txn(client: aetcd.Client, request: Any, timeout: float | None) -> Any:

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Iterable
 
 import aetcd
+
+from cluster.metrics import ETCD_LATENCY
 
 __all__ = ["LeaseBuckets"]
 
@@ -89,6 +92,7 @@ class LeaseBuckets:
     async def _grant(self, bucket: int, pending: asyncio.Future[int], now: float) -> None:
         end = bucket * self.bucket_seconds
         ttl = max(1, math.ceil(end - now + self.margin))
+        started = time.perf_counter()
         try:
             lease = await self.client.lease(ttl)
         except asyncio.CancelledError:
@@ -105,4 +109,5 @@ class LeaseBuckets:
             if not pending.done():
                 pending.set_result(lease.id)
         finally:
+            ETCD_LATENCY["lease"].observe(time.perf_counter() - started)
             self._pending.pop(bucket, None)

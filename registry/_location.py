@@ -343,7 +343,7 @@ class LocationStore(WatchedRange):
         Raises StoreUnavailableError."""
         prefix = self.keys.aor_bindings(aor)
         response = await call(
-            self.client.get_range(prefix, prefix_end(prefix)), self.request_timeout
+            self.client.get_range(prefix, prefix_end(prefix)), self.request_timeout, "range"
         )
         bindings = []
         mod_revisions = []
@@ -654,7 +654,9 @@ class LocationStore(WatchedRange):
             statistics.most_compares = max(statistics.most_compares, len(request.compare))
             try:
                 response = await call(
-                    send_txn(self.client, request, self.request_timeout), self.request_timeout
+                    send_txn(self.client, request, self.request_timeout),
+                    self.request_timeout,
+                    "txn",
                 )
             except LeaseNotFoundError:
                 # A cached lease is gone (etcd restored, or revoked by hand).

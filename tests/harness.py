@@ -44,7 +44,8 @@ from sipcore import (
     parse_message,
 )
 
-READY_LINE = "sipcluster is ready."
+READY_LINE = "sipcluster is ready"
+"""In the plain banner and in the supervisor's log record (also with --log-json)."""
 
 
 def free_udp_and_tcp_port(host: str = "127.0.0.1") -> int:

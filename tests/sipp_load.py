@@ -152,8 +152,18 @@ class CallLoad:
             ]
         )
 
-    def start_calls(self, *, rate: float, calls: int, hold_ms: int, name: str = "uac") -> None:
-        """Start ``calls`` calls at ``rate`` per second, each held ``hold_ms``."""
+    def start_calls(
+        self,
+        *,
+        rate: float,
+        calls: int,
+        hold_ms: int,
+        name: str = "uac",
+        scenario: str = "uac.xml",
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        """Start ``calls`` calls at ``rate`` per second, each held ``hold_ms``
+        (``scenario`` from loadtest/sipp; ``extra``: more SIPp options)."""
         injection = self.directory / f"{name}.inf"
         write_injection(
             injection,
@@ -162,16 +172,19 @@ class CallLoad:
             callees=self.callees,
         )
         self.uac = self._start(
-            _client(
-                self.target,
-                "uac.xml",
-                injection,
-                self.domain,
-                rate=rate,
-                calls=calls,
-                statistics=self.directory / f"{name}.csv",
-                hold_ms=hold_ms,
-            )
+            [
+                *_client(
+                    self.target,
+                    scenario,
+                    injection,
+                    self.domain,
+                    rate=rate,
+                    calls=calls,
+                    statistics=self.directory / f"{name}.csv",
+                    hold_ms=hold_ms,
+                ),
+                *extra,
+            ]
         )
         self._name = name
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import Node, UserAgent, cli, http_get, members_until, start_node, status
+from prometheus_client.parser import text_string_to_metric_families
 from sipp_load import CallLoad
 
 from cluster.etcd import LocalEtcd
@@ -149,6 +150,16 @@ def test_drain_under_call_load(etcd_server: LocalEtcd, tmp_path: Path) -> None:
                 lambda v: len(active(v)) == 2 and victim not in v.workers,
             )
             (newcomer,) = active(after) - {survivor}
+            # It warmed its location cache from etcd before it joined.
+            newcomer_host, _, newcomer_port = str(after.workers[newcomer].http).rpartition(":")
+            metrics = http_get(int(newcomer_port), "/metrics", newcomer_host)[1]
+            cached = next(
+                sample.value
+                for family in text_string_to_metric_families(metrics)
+                for sample in family.samples
+                if sample.name == "sipcluster_worker_bindings"
+            )
+            assert cached >= len(registered) + 1
             await caller.close()
 
             # New calls reach the newcomer: it has its share of the Call-IDs.
@@ -212,4 +223,47 @@ def test_rolling_restart_under_call_load(etcd_server: LocalEtcd, tmp_path: Path)
         assert bindings(node) >= registered
     finally:
         load.stop()
+        assert node.stop() == 0
+
+
+def test_a_drain_ends_at_its_timeout_and_late_responses_still_arrive(
+    etcd_server: LocalEtcd, tmp_path: Path
+) -> None:
+    """A call still ringing when the drain timeout (here 1 s) passes: the worker
+    leaves anyway; the callee's 200, whose branch names the departed worker, goes
+    to another worker, which forwards it statelessly (RFC 3261 16.7: a response
+    that matches no client transaction is handled as a stateless proxy would,
+    16.11), and the call completes."""
+    node = start_node(
+        etcd_server.url,
+        tmp_path / "node",
+        workers=2,
+        auth="none",
+        domain=DOMAIN,
+        extra=[*TIMERS, "--drain-timeout", "1"],
+    )
+    try:
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            caller, callee, invite, received = await ring_one(node)
+            victim = holder(received)
+            assert victim is not None
+            unknown = await loop.run_in_executor(None, cli, "drain", *etcd_flags(node), "w0nosuch")
+            assert unknown.returncode == 1
+            assert unknown.stderr == (
+                "sipcluster: no worker 'w0nosuch' in the cluster (see sipcluster status)\n"
+            )
+            drained = await loop.run_in_executor(
+                None, cli, "drain", *etcd_flags(node), victim, "--wait", "--timeout", "30"
+            )
+            assert drained.returncode == 0, drained.stderr
+            assert f"worker {victim} has left the cluster" in drained.stdout
+            node.wait_for_log(f"worker {victim}: drain timeout")
+            await answer_and_hang_up(caller, callee, invite, received)
+            await caller.close()
+            await callee.close()
+
+        asyncio.run(scenario())
+    finally:
         assert node.stop() == 0

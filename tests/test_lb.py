@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -133,6 +134,7 @@ class FakeWorker:
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.endpoint = ""
         self.frames: asyncio.Queue[list[list[Any]]] = asyncio.Queue()
+        self.unstamped = 0
         self.inbound: asyncio.Queue[Inbound] = asyncio.Queue()
         self.closed: asyncio.Queue[list[Any]] = asyncio.Queue()
         self.lease_id: int | None = None
@@ -166,6 +168,10 @@ class FakeWorker:
         # The descriptor is edge-triggered: drain until there is nothing left.
         while cast(int, self.inbox.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             envelopes = unpack_frame(self.inbox.recv(zmq.NOBLOCK))
+            # Every frame opens with the load balancer's STAMP (worker/overload.py).
+            if envelopes[0][0] != Kind.STAMP or envelopes[0][1] > time.time():
+                self.unstamped += 1
+            envelopes = envelopes[1:]
             self.frames.put_nowait(envelopes)
             for envelope in envelopes:
                 if envelope[0] == Kind.INBOUND:
@@ -848,6 +854,7 @@ def test_back_to_back_datagrams_share_frames(
                 envelopes += len(frame)
             assert envelopes == count
             assert frames < count
+            assert worker.unstamped == 0
 
     run(scenario)
 

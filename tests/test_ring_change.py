@@ -73,7 +73,8 @@ def acks_received(node: Node, process: str) -> float:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
         if sample.name == "sipcluster_worker_messages_received_total"
-        and sample.labels == {"kind": "request", "method": "ACK", "process": process}
+        and sample.labels
+        == {"kind": "request", "method": "ACK", "status_class": "", "process": process}
     )
 
 

@@ -10,8 +10,9 @@ worker and still verify.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from sipcore import (
@@ -23,7 +24,35 @@ from sipcore import (
     Request,
 )
 
-__all__ = ["AuthOutcome", "Authenticator", "UserDirectory", "UserRecord"]
+__all__ = [
+    "AUTH_COUNTERS",
+    "AuthCounters",
+    "AuthOutcome",
+    "Authenticator",
+    "UserDirectory",
+    "UserRecord",
+]
+
+
+@dataclass(slots=True)
+class AuthCounters:
+    """What authentication refused, in plain counters (the worker's metrics read
+    them on a scrape), by ``(status, reason)``.
+
+    A challenge is the expected first answer to a request without credentials
+    (reason ``no_credentials``) or with a stale nonce (``stale_nonce``); a
+    failure is credentials that did not verify (the ``DigestVerdict`` name:
+    ``wrong_response``, ``unknown_user``, ``replay`` ...), malformed ones (400),
+    or an authenticated user refused (403: ``forbidden_aor``, ``forbidden_sender``).
+    """
+
+    challenges: Counter[tuple[int, str]] = field(default_factory=Counter)
+    failures: Counter[tuple[int, str]] = field(default_factory=Counter)
+
+
+AUTH_COUNTERS = AuthCounters()
+"""The counters of this process (one worker per process); every Authenticator
+adds to them unless given others."""
 
 
 class UserRecord(Protocol):
@@ -70,13 +99,16 @@ class Authenticator:
         digest: DigestServer,
         users: UserDirectory,
         clock: Callable[[], float] | None = None,
+        counters: AuthCounters = AUTH_COUNTERS,
     ) -> None:
         """``clock``, when given, supplies the time for nonces instead of the ``now``
         passed to ``check``: nonces carry wall-clock time so that every worker can
-        verify them, while a caller's ``now`` may be a monotonic clock."""
+        verify them, while a caller's ``now`` may be a monotonic clock.
+        ``counters`` count the challenges and failures (see AuthCounters)."""
         self.digest = digest
         self.users = users
         self.clock = clock
+        self.counters = counters
 
     def check(self, request: Request, *, realm: str, proxy: bool, now: float) -> AuthOutcome:
         """Check ``request``'s credentials for ``realm``.
@@ -93,9 +125,11 @@ class Authenticator:
         try:
             offered = request.proxy_authorization if proxy else request.authorization
         except MessageError as error:
+            self.counters.failures[400, "malformed"] += 1
             return AuthOutcome(status=400, reason=f"Bad Request - {error.reason}")
         credentials = _for_realm(offered, realm)
         if credentials is None:
+            self.counters.challenges[407 if proxy else 401, "no_credentials"] += 1
             return self._challenge(realm, proxy, now, stale=False)
         username = credentials.get("username") or ""
         user = username if "@" in username else f"{username}@{realm}"
@@ -112,7 +146,12 @@ class Authenticator:
         if verdict is DigestVerdict.OK:
             return AuthOutcome(user=user)
         if verdict.bad_request:
+            self.counters.failures[400, verdict.name.lower()] += 1
             return AuthOutcome(status=400, reason=f"Bad Request - {result.detail}")
+        if verdict.stale:
+            self.counters.challenges[407 if proxy else 401, "stale_nonce"] += 1
+        else:
+            self.counters.failures[407 if proxy else 401, verdict.name.lower()] += 1
         return self._challenge(realm, proxy, now, stale=verdict.stale)
 
     def _challenge(self, realm: str, proxy: bool, now: float, *, stale: bool) -> AuthOutcome:

@@ -601,6 +601,7 @@ class ProxyCore:
                 if outcome.user is None or not _same_user(
                     outcome.user, address_of_record(from_uri)
                 ):
+                    authenticator.counters.failures[403, "forbidden_sender"] += 1
                     refuse(Refusal.FORBIDDEN_SENDER)
                     return
                 authenticated = True

@@ -793,6 +793,8 @@ class Registrar:
             outcome = self.authenticator.check(request, realm=domain_of(aor), proxy=False, now=now)
             refusal = authorize(outcome, aor)
             if refusal is not None:
+                if outcome.ok:  # authenticated, but not as this AoR's user
+                    self.authenticator.counters.failures[403, "forbidden_aor"] += 1
                 return refusal
         register = read_register(request, config, aor)
         if isinstance(register, Refusal):

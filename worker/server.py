@@ -76,6 +76,7 @@ from sipcore import (
 from ._metrics import WorkerMetrics
 from .auth import Authenticator
 from .handoff import Decision, Handoff
+from .overload import OverloadConfig, OverloadControl, refusable, refusal
 from .transport import Peer, SocketDirectory, response_peer
 
 __all__ = ["Worker", "main"]
@@ -96,10 +97,16 @@ GC_THRESHOLDS = (2_000, 20, 100)
 GC_FREEZE_SECONDS = 0.5
 GC_SWEEP_SECONDS = 600.0
 _HOLD_LIMIT = 10_000
+# Retry-After of an overload 503 toward a user agent: 2 s plus up to 8 s of jitter.
+_RETRY_AFTER = (2, 9)
 # A drained worker stays this long without a transaction before it leaves: every
 # load balancer has seen its draining record by then (a watch event, milliseconds),
 # so nothing more is on its way to it.
 DRAIN_QUIET = 1.0
+# The load in a worker's membership record: measured every LOAD_SECONDS, rewritten
+# when it moved by LOAD_STEP (a share of one core) or more.
+LOAD_SECONDS = 10.0
+LOAD_STEP = 0.05
 
 
 def _worker_id(settings: Settings) -> str:
@@ -120,10 +127,18 @@ class Worker:
             TransactionConfig(t1=settings.t1, t2=max(4.0, settings.t1), timer_c=settings.timer_c)
         )
         self.handoff = Handoff(self.id)
+        self._overload_on = settings.overload_target > 0
+        self.overload = OverloadControl(
+            OverloadConfig(target=settings.overload_target)
+            if self._overload_on
+            else OverloadConfig()
+        )
         self.view = MemberView()
         self.draining = False
         self.ready = False
         self._drained = asyncio.Event()
+        self._load = 0.0
+        self._load_task: asyncio.Task[None] | None = None
         self._idle_since: float | None = None
         self._outgoing: dict[str, list[list[Any]]] = {}
         self._to_workers: dict[str, list[list[Any]]] = {}
@@ -213,6 +228,7 @@ class Worker:
         )
         await self.registration.start(self.client, self._record().to_json())
         self.ready = True
+        self._load_task = self._loop().create_task(self._publish_load(), name="load")
         notify_ready(self.id, self.http.address, lease=self.registration.lease_id)
         log.info("worker %s ready: inbox %s, http %s", self.id, self.endpoint, self.http.address)
 
@@ -288,6 +304,7 @@ class Worker:
             pid=os.getpid(),
             host=socket.gethostname(),
             http=self.http.address if hasattr(self, "http") else "",
+            load=round(self._load, 2),
         )
 
     # -------------------------------------------------------------- membership
@@ -355,6 +372,9 @@ class Worker:
         try:
             if kind == Kind.INBOUND:
                 self._handle_inbound(inbound_from(envelope[1:]))
+            elif kind == Kind.STAMP:
+                if self._overload_on:
+                    self.overload.delay_observed(self.wall_clock() - envelope[1], self.clock())
             elif kind == Kind.CLAIMS:
                 _, ring, worker, _complete, call_ids = envelope
                 if self.handoff.claims_received(ring, worker, call_ids):
@@ -410,10 +430,10 @@ class Worker:
             return
         now = self.clock()
         if isinstance(message, Response):
-            self.metrics.received["response", message.cseq.method] += 1
+            self.metrics.received["response", message.cseq.method, message.status // 100] += 1
             self.layer.receive_response(message, peer, now)
             return
-        self.metrics.received["request", message.method] += 1
+        self.metrics.received["request", message.method, 0] += 1
         if message.method == "REGISTER":
             answer = self.registrar.answer_statelessly(message, peer, self.wall_clock())
             if answer is not None:
@@ -447,9 +467,10 @@ class Worker:
         while (event := layer.next_event()) is not None:
             self._dispatch(event, now)
         sent = self.metrics.sent
+        label = self.metrics.message_label
         for outgoing in layer.messages_to_send():
             peer: Peer = outgoing.destination  # type: ignore[assignment]
-            sent[peer.transport] += 1
+            sent[peer.transport, label(outgoing.data)] += 1
             envelope = Outbound(
                 peer.socket_id,
                 peer.transport,
@@ -469,6 +490,8 @@ class Worker:
             call_id = event.request.call_id.encode("utf-8", "surrogateescape")
             self._transaction_calls[event.transaction_id] = call_id
             self.handoff.transaction_started(call_id)
+            if self.overload.refused_fraction and self._refuse(event):
+                return
             if event.request.method == "REGISTER" and self.registrar.serves(event.request):
                 self._register(event)
                 return
@@ -480,6 +503,24 @@ class Worker:
                     worker, call_id = released
                     self._send_to_worker(worker, [Kind.RELEASES, self.id, [call_id]])
         self.proxy.handle_event(event, now)
+
+    def _refuse(self, event: RequestReceived) -> bool:
+        """Overload control (worker/overload.py): refuse a share of the requests
+        that start new work; returns whether this one was refused.  The 503 goes
+        through the server transaction, which absorbs the request's
+        retransmissions instead of processing them again."""
+        request = event.request
+        if not refusable(request) or not self.overload.refuse():
+            return False
+        self.metrics.overload_rejected[request.method] += 1
+        retry_after = _RETRY_AFTER[0] + secrets.randbelow(_RETRY_AFTER[1])
+        self.layer.send_response(
+            event.transaction_id,
+            refusal(request, retry_after),
+            self.clock(),
+            destination=response_peer(event.source, request.via),  # type: ignore[arg-type]
+        )
+        return True
 
     def _register(self, event: RequestReceived) -> None:
         """Hand a REGISTER to the registrar; its answer comes back through a
@@ -693,9 +734,29 @@ class Worker:
         elif now - self._idle_since >= DRAIN_QUIET * 0.99:
             self._drained.set()
 
+    async def _publish_load(self) -> None:
+        """Every LOAD_SECONDS, the share of a core this process used; rewritten
+        into the membership record when it moved by LOAD_STEP or more (for
+        ``sipcluster status`` and the operators' dashboards)."""
+        published = self._load
+        cpu, wall = time.process_time(), self.clock()
+        while True:
+            await asyncio.sleep(LOAD_SECONDS)
+            cpu_now, wall_now = time.process_time(), self.clock()
+            self._load = (cpu_now - cpu) / max(wall_now - wall, 1e-9)
+            cpu, wall = cpu_now, wall_now
+            if abs(self._load - published) >= LOAD_STEP:
+                try:
+                    await self.registration.update(self._record().to_json())
+                    published = self._load
+                except Exception as error:
+                    log.debug("load not published: %s", error)
+
     async def leave(self) -> None:
         """Leave the cluster (revoke the lease: the record disappears) and stop."""
         self.ready = False
+        if self._load_task is not None:
+            self._load_task.cancel()
         if self._gc_timer is not None:
             self._gc_timer.cancel()
         with contextlib.suppress(Exception):

@@ -386,6 +386,8 @@ def _row(result: StepResult) -> str:
     per_op = result.cpu_per_operation_us
     label, cores = result.busiest()
     verdict = "pass" if result.passed else "FAIL: " + "; ".join(result.reasons)
+    if result.refused:
+        verdict += f" ({result.refused} refused with 503)"
     return (
         f"{result.rate:>8} {result.achieved:>9.0f} {result.failed:>7} "
         f"{_ms(result.p50_ms):>6} {_ms(result.p99_ms):>6} "

@@ -18,6 +18,7 @@ step divided by the successful calls.
 
 from __future__ import annotations
 
+import csv
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -67,7 +68,7 @@ class Workload:
     @property
     def calls(self) -> bool:
         """Whether the workload needs registered callees and a UAS."""
-        return self.scenario == "uac.xml"
+        return self.scenario.startswith("uac")
 
 
 _REGISTER_LADDER = (1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000)
@@ -106,6 +107,18 @@ WORKLOADS: dict[str, Workload] = {
             "u1",
             "call (INVITE..BYE)",
             {"sipcluster": _CALLS_LADDER, "kamailio": (500, 1000, 1500, 2000, 3000, 4000)},
+        ),
+        Workload(
+            # Overload: offered beyond the maximum, sipcluster refuses part of the
+            # new INVITEs with 503 (worker/overload.py); the achieved rate is the
+            # goodput, calls completed per second.  Give the ladder with --rates,
+            # e.g. calls-overload=1200,2400 (the maximum and twice it).
+            "calls-overload",
+            "uac_refusable.xml",
+            "none",
+            "u1",
+            "call, 503 refusals allowed",
+            {"sipcluster": (1200, 2400), "kamailio": (4000, 8000)},
         ),
         Workload(
             "calls-tcp",
@@ -154,6 +167,8 @@ class StepResult:
     retransmissions: int = 0
     udp_errors: dict[str, int] = field(default_factory=dict)
     failure_kinds: dict[str, int] = field(default_factory=dict)
+    refused: int = 0
+    """Calls refused with 503 (calls-overload: counted, not failed)."""
     passed: bool = False
     reasons: list[str] = field(default_factory=list)
 
@@ -296,7 +311,7 @@ def run_step(
     time_limit = seconds * 2 + 30
     statistics = step_dir / "client-stat.csv"
     scenario = workload.scenario
-    if workload.calls and target.reorders:
+    if workload.calls and target.reorders and scenario == "uac.xml":
         scenario = "uac_tolerant.xml"
     command = sipp_client_command(
         sipp,
@@ -311,6 +326,8 @@ def run_step(
         statistics=statistics,
         response_times=True,
     )
+    if scenario == "uac_refusable.xml":
+        command += ["-trace_counts"]
     (step_dir / "command.txt").write_text(" ".join(command) + "\n")
     uas_before = _uas_failed(uas_statistics)
     uas_cpu_before = cpu_seconds(uas.pid) if uas is not None else None
@@ -346,8 +363,25 @@ def run_step(
         after = _uas_failed(uas_statistics)
         result.uas_failed = max(0, after - uas_before)
     stats = read_statistics(statistics)
+    result.refused = _refusals(step_dir)
     _judge(result, stats, read_response_times(step_dir), rules)
     return result
+
+
+def _refusals(step_dir: Path) -> int:
+    """The 503s SIPp counted (``-trace_counts``: a ``<index>_503_Recv`` column)."""
+    total = 0
+    for path in step_dir.glob("*_counts.csv"):
+        with path.open(newline="") as handle:
+            rows = list(csv.reader(handle, delimiter=";"))
+        if len(rows) >= 2:
+            values = dict(zip(rows[0], rows[-1], strict=False))
+            total += sum(
+                int(value)
+                for name, value in values.items()
+                if name.endswith("_503_Recv") and value.isdigit()
+            )
+    return total
 
 
 def _uas_failed(path: Path | None) -> int:
