@@ -799,6 +799,21 @@ class TransactionLayer:
         """The number of transactions that are not terminated."""
         return len(self._transactions)
 
+    def owed_count(self) -> int:
+        """The transactions that still owe something to a peer: every server
+        transaction (one that answered still absorbs retransmitted requests and
+        retransmits its response until acknowledged, RFC 3261 17.2.1 and 17.2.2),
+        and every client transaction but those in Completed, which only wait for
+        retransmitted responses to absorb (Timers D and K, 17.1.1.2 and 17.1.2.2):
+        a proxy forwards such a response statelessly when no transaction is left
+        (16.7).  A draining server may leave once this is zero.  O(transactions).
+        """
+        return sum(
+            1
+            for transaction in self._transactions.values()
+            if not (transaction.kind.is_client and transaction.state in _SETTLED_STATES)
+        )
+
     # ------------------------------------------------------------------- machinery
 
     def _known(self, transaction_id: TransactionId) -> _Transaction:

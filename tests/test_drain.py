@@ -26,9 +26,9 @@ from sipp_load import CallLoad
 
 from cluster.etcd import LocalEtcd
 from cluster.membership import MemberView
-from cluster.ring import branch_worker
+from cluster.ring import Ring, branch_worker
 from loadtest.sweep._sipp import read_statistics
-from sipcore import Request
+from sipcore import Request, make_ack, make_cancel
 
 DOMAIN = "example.com"
 TIMERS = ["--t1", "0.1", "--timer-c", "8"]
@@ -124,6 +124,20 @@ def test_drain_under_call_load(etcd_server: LocalEtcd, tmp_path: Path) -> None:
             before = await members_until(node.etcd_url, node.prefix, lambda v: len(active(v)) == 2)
             (survivor,) = active(before) - {victim}
             victim_http = str(before.workers[victim].http)
+            # A second call rings on the same worker; it is cancelled during the drain.
+            ring = Ring(sorted((victim, survivor)))
+            call_id = next(
+                candidate
+                for candidate in (f"cancelled-{index}@test" for index in range(1000))
+                if ring.owner_of(candidate.encode()) == victim
+            )
+            canceller = await UserAgent("canceller", DOMAIN).start((node.host, node.port))
+            cancelled = canceller.request("INVITE", f"sip:{callee.aor}", call_id=call_id)
+            canceller.send(cancelled)
+            to_cancel = await callee.receive_request("INVITE")
+            assert holder(to_cancel) == victim
+            callee.answer(to_cancel, 180)
+            assert (await canceller.receive_response(180)).status == 180
 
             load.start_calls(rate=CALL_RATE, calls=calls, hold_ms=HOLD_MS)
             await calls_under_way(load, "uac", 2 * CALL_RATE)
@@ -137,6 +151,18 @@ def test_drain_under_call_load(etcd_server: LocalEtcd, tmp_path: Path) -> None:
 
             # The call that was ringing on the draining worker completes through it.
             await answer_and_hang_up(caller, callee, invite, received)
+            # The CANCEL of the other one reaches the draining worker, which holds
+            # its INVITE (RFC 3261 16.10), and so does the ACK for the 487.
+            canceller.send(make_cancel(cancelled))
+            assert (await canceller.receive_response(200, method="CANCEL")).status == 200
+            cancel = await callee.receive_request("CANCEL")
+            assert holder(cancel) == victim
+            callee.answer(cancel, 200)
+            callee.answer(to_cancel, 487)
+            final = await canceller.receive_response(300, method="INVITE")
+            assert final.status == 487
+            canceller.send(make_ack(cancelled, final))
+            await canceller.close()
 
             # The drained worker leaves once its transactions are over, and the
             # supervisor's replacement joins the ring.

@@ -163,6 +163,22 @@ def server_transaction(
     return event.transaction_id
 
 
+def test_owed_count_leaves_out_clients_waiting_only_for_retransmissions() -> None:
+    layer = TransactionLayer()
+    invite = build_request()
+    layer.send_request(invite, SERVER, reliable=False, now=0.0)
+    assert (layer.transaction_count, layer.owed_count()) == (1, 1)  # Calling
+    layer.receive_response(response_to(invite, 486), SERVER, now=1.0)
+    # Completed: only absorbs retransmitted 486s until Timer D (RFC 3261 17.1.1.2).
+    assert (layer.transaction_count, layer.owed_count()) == (1, 0)
+    options = build_request("OPTIONS")
+    served = server_transaction(layer, options, now=1.0)
+    layer.send_response(served, response_to(options, 200), now=1.0)
+    # A server transaction that answered still absorbs retransmitted requests
+    # (Timer J, 17.2.2): owed.
+    assert (layer.transaction_count, layer.owed_count()) == (2, 1)
+
+
 # ------------------------------------------------------------- client: schedules
 
 

@@ -103,6 +103,7 @@ _RETRY_AFTER = (2, 9)
 # load balancer has seen its draining record by then (a watch event, milliseconds),
 # so nothing more is on its way to it.
 DRAIN_QUIET = 1.0
+DRAIN_CHECK = 0.1
 # The load in a worker's membership record: measured every LOAD_SECONDS, rewritten
 # when it moved by LOAD_STEP (a share of one core) or more.
 LOAD_SECONDS = 10.0
@@ -482,8 +483,6 @@ class Worker:
             self._outgoing.setdefault(peer.lb_id, []).append(envelope)
         self._schedule_flush()
         self._arm_timer()
-        if self.draining:
-            self._check_drained()
 
     def _dispatch(self, event: Event, now: float) -> None:
         if isinstance(event, RequestReceived):
@@ -686,7 +685,7 @@ class Worker:
         notify("draining", id=self.id)
         timeout = self.settings.drain_seconds
         log.info(
-            "worker %s draining: %d transactions; leaving when none remain (at most %.0f s)",
+            "worker %s draining: %d transactions; leaving when none is owed (at most %.0f s)",
             self.id,
             self.layer.transaction_count,
             timeout,
@@ -706,7 +705,7 @@ class Worker:
         )
         for waiter in (drained, interrupted):
             waiter.cancel()
-        left = self.layer.transaction_count
+        left = self.layer.owed_count()
         elapsed = self.clock() - started
         if self._drained.is_set():
             log.info("worker %s drained in %.1f s", self.id, elapsed)
@@ -721,18 +720,25 @@ class Worker:
             )
 
     def _check_drained(self) -> None:
-        """Set ``_drained`` once no transaction has been held for DRAIN_QUIET s."""
+        """Every DRAIN_CHECK seconds while draining: set ``_drained`` once no
+        transaction has owed anything for DRAIN_QUIET seconds.
+
+        A client transaction that only waits for retransmitted responses (Timer D
+        is 32 s) is not waited for: another worker forwards such a response
+        statelessly (RFC 3261 16.7).  Counting is a pass over the transactions,
+        hence the period instead of a check per event-loop pass.
+        """
         if self._drained.is_set():
             return
-        if self.layer.transaction_count or self._waiting:
-            self._idle_since = None
-            return
         now = self.clock()
-        if self._idle_since is None:
+        if self._waiting or self.layer.owed_count():
+            self._idle_since = None
+        elif self._idle_since is None:
             self._idle_since = now
-            self._loop().call_later(DRAIN_QUIET, self._check_drained)
         elif now - self._idle_since >= DRAIN_QUIET * 0.99:
             self._drained.set()
+            return
+        self._loop().call_later(DRAIN_CHECK, self._check_drained)
 
     async def _publish_load(self) -> None:
         """Every LOAD_SECONDS, the share of a core this process used; rewritten
