@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from sipcore import KNOWN_METHODS
+
 from .membership import DRAINING, MemberView
 
 __all__ = [
@@ -39,24 +41,9 @@ __all__ = [
     "ring_families",
 ]
 
-METHODS = (
-    "ACK",
-    "BYE",
-    "CANCEL",
-    "INFO",
-    "INVITE",
-    "MESSAGE",
-    "NOTIFY",
-    "OPTIONS",
-    "PRACK",
-    "PUBLISH",
-    "REFER",
-    "REGISTER",
-    "SUBSCRIBE",
-    "UPDATE",
-)
-"""The methods counted by name; any other request counts as ``other`` (so that
-junk methods cannot grow the counters without end)."""
+METHODS = tuple(sorted(KNOWN_METHODS))
+"""The methods counted by name (those sipcore knows); any other request counts as
+``other`` (so that junk methods cannot grow the counters without end)."""
 
 OTHER_METHOD = "other"
 """The label of a request whose method is not one of METHODS."""

@@ -29,6 +29,7 @@ from ._framing import (
 )
 from ._headers import COMPACT_FORMS, canonical_name, display_name
 from ._message import (
+    KNOWN_METHODS,
     HeaderField,
     Message,
     Request,
@@ -64,6 +65,7 @@ from ._values import MAGIC_COOKIE, Contact, CSeq, NameAddr, Via, parse_name_addr
 
 __all__ = [
     "COMPACT_FORMS",
+    "KNOWN_METHODS",
     "MAGIC_COOKIE",
     "URI",
     "AbsoluteURI",

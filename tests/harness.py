@@ -478,3 +478,19 @@ async def members_until(
         await follower.stop()
         await client.close()
     return seen[0]
+
+
+def add_user(node: Node, user: str, password: str) -> None:
+    """``sipcluster user add USER --password PASSWORD`` on the node's cluster."""
+    result = cli(
+        "user",
+        "add",
+        "--etcd",
+        node.etcd_url,
+        "--etcd-prefix",
+        node.prefix,
+        user,
+        "--password",
+        password,
+    )
+    assert result.returncode == 0, result.stderr

@@ -23,66 +23,9 @@ from loadtest.sweep._sipp import (
     sipp_binary,
     write_injection,
 )
+from loadtest.sweep._steps import sipp_client_command
 
 PASSWORD = "secret"
-
-
-def _client(
-    target: str,
-    scenario: str,
-    injection: Path,
-    domain: str,
-    *,
-    rate: float,
-    calls: int,
-    statistics: Path,
-    local_port: int | None = None,
-    hold_ms: int = 0,
-    time_limit: int = 120,
-) -> list[str]:
-    command = [
-        sipp_binary(),
-        target,
-        "-sf",
-        str(SCENARIOS / scenario),
-        "-inf",
-        str(injection),
-        "-key",
-        "domain",
-        domain,
-        "-key",
-        "expires",
-        "3600",
-        "-i",
-        "127.0.0.1",
-        "-t",
-        "u1",
-        "-r",
-        str(rate),
-        "-m",
-        str(calls),
-        "-d",
-        str(hold_ms),
-        "-recv_timeout",
-        "10000",
-        "-timeout",
-        f"{time_limit}s",
-        "-trace_stat",
-        "-stf",
-        str(statistics),
-        "-fd",
-        "1",
-        "-trace_err",
-        "-error_file",
-        str(statistics.with_name("errors.log")),
-        *SIPP_IO_OPTIONS,
-        "-nostdin",
-    ]
-    if local_port is not None:
-        command += ["-p", str(local_port)]
-    if scenario == "register.xml":
-        command += ["-default_behaviors", "all,-bye"]
-    return command
 
 
 @dataclass
@@ -106,16 +49,18 @@ class CallLoad:
         write_injection(injection, range(self.callees), password=PASSWORD)
         statistics = self.directory / "register.csv"
         subprocess.run(
-            _client(
+            sipp_client_command(
+                sipp_binary(),
                 self.target,
                 "register.xml",
-                injection,
-                self.domain,
+                injection=injection,
+                domain=self.domain,
+                transport="u1",
                 rate=100,
                 calls=self.callees,
-                statistics=statistics,
-                local_port=port,
                 time_limit=30,
+                local_port=port,
+                statistics=statistics,
             ),
             cwd=self.directory,
             stdout=subprocess.DEVNULL,
@@ -155,7 +100,7 @@ class CallLoad:
     def start_calls(
         self,
         *,
-        rate: float,
+        rate: int,
         calls: int,
         hold_ms: int,
         name: str = "uac",
@@ -173,13 +118,16 @@ class CallLoad:
         )
         self.uac = self._start(
             [
-                *_client(
+                *sipp_client_command(
+                    sipp_binary(),
                     self.target,
                     scenario,
-                    injection,
-                    self.domain,
+                    injection=injection,
+                    domain=self.domain,
+                    transport="u1",
                     rate=rate,
                     calls=calls,
+                    time_limit=120,
                     statistics=self.directory / f"{name}.csv",
                     hold_ms=hold_ms,
                 ),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from harness import Node, UserAgent, start_node
+from harness import Node, UserAgent, add_user, start_node
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.etcd import LocalEtcd
@@ -56,29 +56,6 @@ def digest_node(etcd_server: LocalEtcd, tmp_path_factory: pytest.TempPathFactory
         add_user(node, f"{user}@{DOMAIN}", f"{user}-secret")
     yield node
     assert node.stop() == 0, "\n".join(node.log[-30:])
-
-
-def add_user(node: Node, user: str, password: str) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cluster.cli",
-            "user",
-            "add",
-            "--etcd",
-            node.etcd_url,
-            "--etcd-prefix",
-            node.prefix,
-            user,
-            "--password",
-            password,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
 
 
 def locations(node: Node, aor: str) -> str:

@@ -13,12 +13,10 @@ import asyncio
 import json
 import logging
 import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
-from harness import Node, UserAgent, http_get, start_node
+from harness import Node, UserAgent, add_user, http_get, start_node
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -199,26 +197,7 @@ def node(etcd_server: LocalEtcd, tmp_path_factory: pytest.TempPathFactory) -> It
         extra=["--log-json"],
     )
     for user in ("alice", "bob"):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cluster.cli",
-                "user",
-                "add",
-                "--etcd",
-                node.etcd_url,
-                "--etcd-prefix",
-                node.prefix,
-                f"{user}@{DOMAIN}",
-                "--password",
-                f"{user}-secret",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
+        add_user(node, f"{user}@{DOMAIN}", f"{user}-secret")
     yield node
     assert node.stop() == 0, "\n".join(node.log[-30:])
 

@@ -174,7 +174,7 @@ def test_an_overloaded_node_refuses_new_calls_and_finishes_the_others(
             calls=rate * seconds,
             hold_ms=0,
             scenario="uac_refusable.xml",
-            extra=("-trace_counts", "-l", str(2 * rate)),
+            extra=("-trace_counts",),
         )
         code, statistics = load.wait_calls()
         assert statistics.failed == 0, load.errors()

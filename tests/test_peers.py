@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Node, start_node
+from harness import Node, add_user, start_node
 
 from cluster.etcd import LocalEtcd
 
@@ -26,26 +26,7 @@ def digest_node(etcd_server: LocalEtcd, tmp_path_factory: pytest.TempPathFactory
         domain=DOMAIN,
     )
     for user in ("alice", "bob"):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cluster.cli",
-                "user",
-                "add",
-                "--etcd",
-                node.etcd_url,
-                "--etcd-prefix",
-                node.prefix,
-                f"{user}@{DOMAIN}",
-                "--password",
-                f"{user}-pw",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
+        add_user(node, f"{user}@{DOMAIN}", f"{user}-pw")
     yield node
     assert node.stop() == 0
 

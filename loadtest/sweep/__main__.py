@@ -317,7 +317,7 @@ def _start_callees(
     register_dir.mkdir()
     command = sipp_client_command(
         sipp,
-        target,
+        f"{target.host}:{target.port}",
         "register.xml",
         injection=callees,
         domain=DOMAIN,

@@ -216,7 +216,7 @@ class StepResult:
 
 def sipp_client_command(
     sipp: str,
-    target: Target,
+    remote: str,
     scenario: str,
     *,
     injection: Path,
@@ -228,11 +228,13 @@ def sipp_client_command(
     local_port: int | None = None,
     statistics: Path | None = None,
     response_times: bool = False,
+    hold_ms: int = 0,
 ) -> list[str]:
-    """A bounded SIPp client run: at most ``calls`` calls and ``time_limit`` s."""
+    """A bounded SIPp client run against ``remote`` (host:port): at most ``calls``
+    calls and ``time_limit`` s; ``hold_ms`` is the length of a call's <pause/>."""
     command = [
         sipp,
-        f"{target.host}:{target.port}",
+        remote,
         "-sf",
         str(SCENARIOS / scenario),
         "-inf",
@@ -253,6 +255,8 @@ def sipp_client_command(
         "1000",
         "-m",
         str(calls),
+        "-d",
+        str(hold_ms),
         # At most two seconds' worth of calls open: an overloaded server makes the
         # client slow down (and the step fail on its rate) instead of piling up.
         "-l",
@@ -315,7 +319,7 @@ def run_step(
         scenario = "uac_tolerant.xml"
     command = sipp_client_command(
         sipp,
-        target,
+        f"{target.host}:{target.port}",
         scenario,
         injection=injection,
         domain=domain,
