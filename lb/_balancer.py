@@ -99,7 +99,10 @@ IDLE_TIMEOUT = 300.0
 CONNECT_TIMEOUT = 10.0
 """Seconds an outgoing TCP connection may take to open."""
 PUSH_HIGH_WATER_MARK = 100_000
-"""Frames queued per worker before sends fail with zmq.Again (counted as zmq_full)."""
+"""Frames queued per worker before sends fail with zmq.Again: UDP messages are then
+dropped (counted as zmq_full), the others held back (``LoadBalancer._hold_back``)."""
+HOLD_BACK_RETRY = 0.005
+"""Seconds between attempts to send what was held back for a full worker queue."""
 INBOX_HIGH_WATER_MARK = 100_000
 """Frames the inbox queues before the workers' sends to it fail."""
 FRAMES_PER_READ = 256
@@ -283,6 +286,9 @@ class LoadBalancer:
         self._pusher_endpoints: dict[str, str] = {}
         self._batches: dict[str, list[list[Any]]] = {}
         self._pass_started = 0.0
+        self._held_back: dict[str, list[list[Any]]] = {}
+        self._held_connections: set[TcpConnection] = set()
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._client: aetcd.Client | None = None
         self._registration: Registration | None = None
         self._watch: MemberWatch | None = None
@@ -706,10 +712,14 @@ class LoadBalancer:
             if pusher is None:  # it left between the receipt and now
                 counters.no_worker += len(envelopes)
                 continue
+            if worker in self._held_back:
+                # Nothing overtakes what waits for this worker (TCP order).
+                self._hold_back(worker, envelopes[1:])
+                continue
             try:
                 pusher.send(pack_frame(envelopes), zmq.NOBLOCK)
             except zmq.Again:
-                counters.zmq_full += len(envelopes)
+                self._hold_back(worker, envelopes[1:])
                 continue
             except zmq.ZMQError as error:
                 counters.zmq_full += len(envelopes)
@@ -717,6 +727,56 @@ class LoadBalancer:
                 continue
             observe_latency(time.perf_counter() - started)
             observe_size(len(envelopes) - 1)  # not the stamp
+
+    def _hold_back(self, worker: str, envelopes: list[list[Any]]) -> None:
+        """A worker's queue is full.  Messages that came over UDP are dropped: their
+        senders retransmit (RFC 3261 17.1.1.2, 17.1.2.2).  What came over TCP is
+        never retransmitted (RFC 3261 17.1.1.1): it waits, in order, with the
+        control envelopes, and the connections it came on are not read until it
+        is sent, so that TCP's flow control slows their senders down."""
+        held = self._held_back.get(worker)
+        if held is None:
+            held = self._held_back[worker] = []
+        connections = self._connections
+        for envelope in envelopes:
+            if envelope[0] == _INBOUND:
+                if envelope[4] == "udp":
+                    self.counters.zmq_full += 1
+                    continue
+                connection = connections.get(envelope[8])
+                if connection is not None and connection not in self._held_connections:
+                    connection.hold_reading()
+                    self._held_connections.add(connection)
+            self.counters.held_back += 1
+            held.append(envelope)
+        if not held:
+            del self._held_back[worker]
+        elif self._retry_timer is None:
+            self._retry_timer = self._running_loop().call_later(
+                HOLD_BACK_RETRY, self._send_held_back
+            )
+
+    def _send_held_back(self) -> None:
+        self._retry_timer = None
+        for worker, held in list(self._held_back.items()):
+            pusher = self._pushers.get(worker)
+            if pusher is None:  # the worker left
+                self.counters.no_worker += len(held)
+                del self._held_back[worker]
+                continue
+            try:
+                pusher.send(pack_frame([[Kind.STAMP, time.time()], *held]), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue
+            del self._held_back[worker]
+        if self._held_back:
+            self._retry_timer = self._running_loop().call_later(
+                HOLD_BACK_RETRY, self._send_held_back
+            )
+            return
+        held_connections, self._held_connections = self._held_connections, set()
+        for connection in held_connections:
+            connection.release_reading()
 
     # --------------------------------------------------------- inbound: TCP
 
@@ -943,6 +1003,8 @@ class LoadBalancer:
         self._close_zmq()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
         for task in list(self._connect_tasks):
             task.cancel()
         for connection in list(self._connections.values()):

@@ -48,6 +48,7 @@ class Counters:
 
     __slots__ = (
         "bad_envelope",
+        "held_back",
         "keepalives_answered",
         "no_worker",
         "not_sip",
@@ -83,6 +84,9 @@ class Counters:
     bad_envelope: int
     send_failed: int
     tcp_overflow: int
+    held_back: int
+    """Messages that waited for room in a full worker queue (TCP and control
+    envelopes; UDP ones are dropped as zmq_full)."""
 
     @property
     def udp_requests_received(self) -> int:
@@ -181,6 +185,12 @@ class _CounterCollector:
         )
         for reason in DROP_REASONS:
             dropped.add_metric([reason], counters.dropped(reason))
+        held_back = CounterMetricFamily(
+            "sipcluster_lb_held_back",
+            "messages that waited for room in a full worker queue instead of being dropped "
+            "(TCP and control messages)",
+            value=counters.held_back,
+        )
         keepalives = CounterMetricFamily(
             "sipcluster_lb_keepalives_answered",
             "CRLFCRLF keepalive pings answered with CRLF (RFC 5626 4.4.1)",
@@ -198,6 +208,7 @@ class _CounterCollector:
             received,
             sent,
             dropped,
+            held_back,
             keepalives,
             workers,
             connections,

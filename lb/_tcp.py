@@ -106,6 +106,8 @@ class TcpConnection(asyncio.Protocol):
         self._pending: list[bytes] = []  # written while connecting
         self._pending_size = 0
         self._reading_stopped = False
+        self._reading_held = False
+        self._writing_paused = False
 
     def __repr__(self) -> str:
         return f"<TcpConnection {self.id} {self.host}:{self.port}>"
@@ -168,13 +170,23 @@ class TcpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The write buffer passed WRITE_BUFFER_HIGH: stop reading from the peer."""
+        self._writing_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        """The write buffer drained: read again (unless the load balancer is stopping)."""
-        if self.transport is not None and not self._reading_stopped:
-            self.transport.resume_reading()
+        """The write buffer drained: read again (unless reading is stopped or held)."""
+        self._writing_paused = False
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        transport = self.transport
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and not (self._reading_stopped or self._reading_held or self._writing_paused)
+        ):
+            transport.resume_reading()
 
     # used by the load balancer
 
@@ -199,6 +211,19 @@ class TcpConnection(asyncio.Protocol):
             self._overflow()
             return False
         return True
+
+    def hold_reading(self) -> None:
+        """Read nothing until ``release_reading``: a message from this connection
+        waits for room in a worker's queue, and TCP's flow control makes the peer
+        wait too, instead of anything being dropped."""
+        self._reading_held = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def release_reading(self) -> None:
+        """Read again after ``hold_reading``."""
+        self._reading_held = False
+        self._resume_reading()
 
     def stop_reading(self) -> None:
         """Read nothing more (the load balancer is stopping)."""

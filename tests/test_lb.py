@@ -914,3 +914,64 @@ def test_sigterm_stops_the_subprocess_and_removes_its_record(
                     await process.wait()
 
     run(scenario, timeout=30.0)
+
+
+def test_tcp_messages_wait_for_a_full_worker_queue_and_are_never_dropped(
+    etcd_server: LocalEtcd, key_layout: KeyLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that stops reading fills its queue: UDP messages would be dropped
+    (their senders retransmit), but what arrives over TCP waits, in order, while
+    the load balancer stops reading that connection (TCP flow control); all of it
+    reaches the worker once it reads again."""
+    monkeypatch.setattr("lb._balancer.PUSH_HIGH_WATER_MARK", 1)
+
+    async def scenario() -> None:
+        async with cluster(etcd_server, key_layout) as state:
+            worker = FakeWorker("wa", state.client, state.keys)
+            worker.inbox.setsockopt(zmq.RCVHWM, 1)
+            await worker.start(bind=f"ipc://{tmp_path}/wa.sock")
+            state.workers.append(worker)
+            settings = lb_settings(
+                etcd_server, key_layout, tmp_path, "udp:127.0.0.1:0", "tcp:127.0.0.1:0"
+            )
+            lb = await state.start_lb(settings, flush_delay=0)  # a frame per loop pass
+            udp = await UdpClient.open()
+            await warm_up(lb, udp, (worker,), state.port(0))
+            loop = asyncio.get_running_loop()
+            assert worker.fd is not None
+            loop.remove_reader(worker.fd)  # the worker stops reading
+
+            count = 20000
+            _, writer = await asyncio.open_connection("127.0.0.1", state.port(1))
+            for start in range(0, count, 100):
+                writer.write(
+                    b"".join(
+                        request(f"held-{index}@test", transport="TCP")
+                        for index in range(start, start + 100)
+                    )
+                )
+                await asyncio.sleep(0)  # let the load balancer read it: one frame each
+            # The load balancer exposes no event for it: its counter is polled,
+            # bounded in time.
+            deadline = loop.time() + TIMEOUT
+            while lb.counters.held_back == 0:
+                assert loop.time() < deadline, (
+                    "nothing was held back",
+                    lb.counters.tcp_requests_received,
+                    lb.counters.zmq_full,
+                    lb.counters.no_worker,
+                    worker.inbound.qsize(),
+                )
+                await asyncio.sleep(0.01)
+
+            loop.add_reader(worker.fd, worker._read)  # it reads again
+            worker._read()
+            received = [(await worker.next_inbound()).data for _ in range(count)]
+            assert received == [
+                request(f"held-{index}@test", transport="TCP") for index in range(count)
+            ]
+            assert lb.counters.zmq_full == 0
+            writer.close()
+            udp.close()
+
+    run(scenario)
