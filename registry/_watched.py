@@ -1,9 +1,10 @@
 """A local cache of a key range of etcd, kept current by a watch.
 
-The cache reads the whole range once, then follows a watch from the revision
-after that read.  When the watch breaks it resumes from the revision after the
-last event it applied; when that revision was compacted away (etcd answers
-``compact_revision``) it reads the whole range again and starts over.  While etcd
+The cache reads the whole range once (in pages, at one revision), then follows a
+watch from the revision after that read.  When the watch breaks it resumes from
+the revision after the last event it applied; when that revision was compacted
+away (etcd answers ``compact_revision``) it reads the whole range again and
+starts over.  While etcd
 is unreachable the cache keeps what it has, so readers go on answering from it.
 
 Events of one etcd revision (one Txn) reach the cache in one watch response and
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 _RETRY_DELAY_MIN = 0.2
 _RETRY_DELAY_MAX = 5.0
+LOAD_PAGE = 5_000
+"""Keys per read of a full load (a binding is some 300 bytes)."""
+_LOAD_PAGE_TIMEOUT = 30.0
 
 
 class WatchedRange:
@@ -170,10 +174,30 @@ class WatchedRange:
                 delay = min(delay * 2, _RETRY_DELAY_MAX)
 
     async def _load(self) -> None:
-        response = await self.client.get_range(self._range_start, self._range_end)
-        revision = response.header.revision
+        # In pages of LOAD_PAGE keys, all read at the revision of the first page
+        # (one consistent snapshot): one response for the whole range would pass
+        # gRPC's 4 MB message limit at some 15,000 bindings.  A revision
+        # compacted between two pages fails the read, which starts over.
+        client = self.client
+        await client.connect()
+        stub = rpc.KVStub(client.channel)
+        kvs: list[Any] = []
+        key, revision = self._range_start, 0
+        while True:
+            response = await stub.Range(
+                rpc.RangeRequest(
+                    key=key, range_end=self._range_end, limit=LOAD_PAGE, revision=revision
+                ),
+                timeout=_LOAD_PAGE_TIMEOUT,
+                metadata=client.metadata,
+            )
+            revision = revision or response.header.revision
+            kvs.extend(response.kvs)
+            if not response.more or not response.kvs:
+                break
+            key = response.kvs[-1].key + b"\0"
         # No await between here and the end: readers see the old cache or the new.
-        self._reset(list(response.kvs), revision)
+        self._reset(kvs, revision)
         self._loaded = True
         self.reloads += 1
         self._set_revision(revision)

@@ -81,6 +81,36 @@ def make_binding(
     )
 
 
+def test_the_first_load_reads_in_pages_at_one_revision(
+    etcd_server: LocalEtcd, key_layout: KeyLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large range (one response for 100,000 bindings would pass gRPC's 4 MB
+    limit) is read in pages; here pages of 3 keys for 10 bindings."""
+    monkeypatch.setattr("registry._watched.LOAD_PAGE", 3)
+
+    async def body(client: Any) -> None:
+        writer = LocationStore(client, key_layout)
+        await writer.start()
+        written = {}
+        revision = 0
+        for index in range(10):
+            aor = f"user{index}@example.com"
+            binding = make_binding(aor, f"sip:user{index}@192.0.2.{index + 1}", time.time() + 600)
+            revision = (await writer.commit(replace_all(writer, aor, [binding]))).revision
+            written[aor] = binding
+        late = LocationStore(client, key_layout)
+        await late.start()
+        assert late.revision == revision
+        assert late.binding_count == 10
+        assert {aor: late.lookup(aor) for aor in written} == {
+            aor: [binding] for aor, binding in written.items()
+        }
+        for store in (writer, late):
+            await store.stop()
+
+    run(with_client(etcd_server, body))
+
+
 async def wait_until(store: Any, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     """Wait, event by event of the store's watch, until ``predicate()`` holds."""
     while not predicate():
