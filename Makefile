@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench sweep clean
 
 # Creates .venv and installs the project with its test extras.  The stamp file
 # makes the install run again only when pyproject.toml changes.
@@ -31,6 +31,13 @@ lint: install
 
 bench: install
 	$(BIN)/python -m loadtest.bench_core
+
+# The SIPp load sweeps against sipcluster and Kamailio (45 minutes at most), a step
+# at half of each maximum, and a new worker's warm-up of 100,000 bindings; the
+# tables go into docs/performance.md between its "sweep tables" markers.
+sweep: install
+	$(BIN)/python -m loadtest.sweep --target both --half-max --cache-bindings 100000 \
+		--write-docs docs/performance.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

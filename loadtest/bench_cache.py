@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.etcd import LocalEtcd, free_port
@@ -33,7 +34,7 @@ from cluster.notify import NOTIFY_FD
 
 from .bench_registry import run_commit_benchmark
 
-__all__ = ["main"]
+__all__ = ["CacheFigures", "main", "measure"]
 
 
 def _rss_bytes(pid: int) -> int:
@@ -110,14 +111,56 @@ async def _fill(etcd_url: str, prefix: str, bindings: int) -> tuple[float, int]:
     return result.seconds, result.commits
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark and print its table."""
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_cache", description=__doc__)
-    parser.add_argument("--bindings", type=int, default=100_000, help="bindings [100000]")
-    parser.add_argument("--runs", type=int, default=3, help="worker starts of each kind [3]")
-    arguments = parser.parse_args(argv)
-    if arguments.bindings < 1 or arguments.runs < 1:
-        parser.error("--bindings and --runs must be at least 1")
+@dataclass(frozen=True, slots=True)
+class CacheFigures:
+    """What one run measured."""
+
+    bindings: int
+    write_seconds: float
+    commits: int
+    baseline: tuple[tuple[float, int], ...]
+    """(seconds to ready, RSS bytes) of each worker start on an empty prefix."""
+    warm: tuple[tuple[float, int], ...]
+    """The same with the bindings."""
+    etcd_rss_per_binding: float
+    etcd_disk_per_binding: float
+
+    @property
+    def warm_seconds(self) -> float:
+        """The cache's warm-up: best start with the bindings minus best baseline."""
+        return min(run[0] for run in self.warm) - min(run[0] for run in self.baseline)
+
+    @property
+    def worker_bytes_per_binding(self) -> float:
+        """Resident memory of a worker per binding in its cache."""
+        return (min(run[1] for run in self.warm) - min(run[1] for run in self.baseline)) / (
+            self.bindings
+        )
+
+    def lines(self) -> list[str]:
+        """The figures as text lines."""
+        lines = [
+            f"{self.bindings:,} bindings written in {self.write_seconds:.1f} s "
+            f"({self.commits / self.write_seconds:,.0f}/s)",
+            f"{'worker start':<34} {'to ready':>9} {'RSS':>9}",
+        ]
+        for label, runs in (
+            ("empty location range (baseline)", self.baseline),
+            ("with the bindings", self.warm),
+        ):
+            lines += [f"{label:<34} {run[0]:>8.2f}s {run[1] / 2**20:>7.1f}MB" for run in runs]
+        lines += [
+            f"cache warm-up for {self.bindings:,} bindings: {self.warm_seconds:.2f} s "
+            "(best start minus best baseline)",
+            f"worker memory per binding: {self.worker_bytes_per_binding:,.0f} bytes",
+            f"etcd per binding: {self.etcd_rss_per_binding:,.0f} bytes resident, "
+            f"{self.etcd_disk_per_binding:,.0f} bytes of data directory",
+        ]
+        return lines
+
+
+def measure(bindings: int = 100_000, runs: int = 3) -> CacheFigures:
+    """Run the benchmark (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="sipcluster-bench-cache-") as directory:
         root = Path(directory)
         etcd = LocalEtcd(root / "etcd", client_port=free_port(), log_path=root / "etcd.log")
@@ -127,31 +170,32 @@ def main(argv: list[str] | None = None) -> None:
             empty = f"/bench-{uuid.uuid4().hex[:8]}/"
             assert etcd.process is not None
             etcd_rss_before, db_before = _rss_bytes(etcd.process.pid), _db_size(etcd)
-            seconds, commits = asyncio.run(_fill(etcd.url, filled, arguments.bindings))
+            seconds, commits = asyncio.run(_fill(etcd.url, filled, bindings))
             etcd_rss_after, db_after = _rss_bytes(etcd.process.pid), _db_size(etcd)
-            baseline = [_start_worker(etcd.url, empty, root / "w") for _ in range(arguments.runs)]
-            warm = [_start_worker(etcd.url, filled, root / "w") for _ in range(arguments.runs)]
+            baseline = [_start_worker(etcd.url, empty, root / "w")[:2] for _ in range(runs)]
+            warm = [_start_worker(etcd.url, filled, root / "w")[:2] for _ in range(runs)]
         finally:
             etcd.stop()
-    count = arguments.bindings
-    base_seconds = min(run[0] for run in baseline)
-    base_rss = min(run[1] for run in baseline)
-    print(f"{count:,} bindings written in {seconds:.1f} s ({commits / seconds:,.0f}/s)")
-    print(f"{'worker start':<34} {'to ready':>9} {'RSS':>9}")
-    for label, runs in (("empty location range (baseline)", baseline), ("with the bindings", warm)):
-        for run in runs:
-            print(f"{label:<34} {run[0]:>8.2f}s {run[1] / 2**20:>7.1f}MB")
-    warm_seconds = min(run[0] for run in warm) - base_seconds
-    per_binding = (min(run[1] for run in warm) - base_rss) / count
-    print(
-        f"cache warm-up for {count:,} bindings: {warm_seconds:.2f} s "
-        "(best start minus best baseline)"
+    return CacheFigures(
+        bindings,
+        seconds,
+        commits,
+        tuple(baseline),
+        tuple(warm),
+        (etcd_rss_after - etcd_rss_before) / bindings,
+        (db_after - db_before) / bindings,
     )
-    print(f"worker memory per binding: {per_binding:,.0f} bytes")
-    print(
-        f"etcd per binding: {(etcd_rss_after - etcd_rss_before) / count:,.0f} bytes resident, "
-        f"{(db_after - db_before) / count:,.0f} bytes of data directory"
-    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print its figures."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_cache", description=__doc__)
+    parser.add_argument("--bindings", type=int, default=100_000, help="bindings [100000]")
+    parser.add_argument("--runs", type=int, default=3, help="worker starts of each kind [3]")
+    arguments = parser.parse_args(argv)
+    if arguments.bindings < 1 or arguments.runs < 1:
+        parser.error("--bindings and --runs must be at least 1")
+    print("\n".join(measure(arguments.bindings, arguments.runs).lines()))
 
 
 if __name__ == "__main__":

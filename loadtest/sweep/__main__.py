@@ -11,11 +11,12 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from ._docs import write_tables
 from ._processes import Launcher, Started
 from ._sipp import SCENARIOS, SIPP_IO_OPTIONS, read_statistics, sipp_binary, write_injection
 from ._steps import (
@@ -90,6 +91,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--output", type=Path, default=None, help="run directory [/tmp/sipcluster-sweep-<time>]"
+    )
+    parser.add_argument(
+        "--half-max",
+        action="store_true",
+        help="after each ladder, one step at half of the highest passing rate (its latency)",
+    )
+    parser.add_argument(
+        "--cache-bindings",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure a new worker's warm-up and memory with N bindings "
+        "(loadtest.bench_cache) [0: not]",
+    )
+    parser.add_argument(
+        "--write-docs",
+        type=Path,
+        default=None,
+        metavar="MARKDOWN",
+        help="write the tables between the '<!-- sweep tables -->' markers of this file",
     )
     return parser
 
@@ -175,6 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         launcher.stop_all()
     _report(results, notes, run_dir)
+    cache = None
+    if arguments.cache_bindings > 0 and exit_code != 130:
+        from loadtest.bench_cache import measure  # noqa: PLC0415
+
+        cache = measure(arguments.cache_bindings)
+        print("\n".join(cache.lines()), flush=True)
+    if arguments.write_docs is not None:
+        write_tables(arguments.write_docs, results, notes, arguments, cache)
     return exit_code
 
 
@@ -229,7 +258,7 @@ def _sweep(
         write_injection(injection, range(arguments.users), password=PASSWORD)
     print(_TABLE_HEAD, flush=True)
 
-    def step(rate: int, attempt: int) -> StepResult:
+    def step(rate: int, attempt: int, *, half: bool = False) -> StepResult:
         result = run_step(
             launcher,
             sipp,
@@ -244,6 +273,7 @@ def _sweep(
             uas=uas,
             uas_statistics=uas_statistics,
         )
+        result.half = half
         results.append(result)
         print(_row(result), flush=True)
         time.sleep(arguments.rest)
@@ -260,34 +290,50 @@ def _sweep(
         return False
 
     try:
-        last_pass: int | None = None
-        first_fail: int | None = None
-        for rate in ladder:
-            verdict = judged(rate)
-            if verdict is None:
-                return
-            if not verdict:
-                first_fail = rate
-                break
-            last_pass = rate
-        if first_fail is None or last_pass is None:
-            return
-        for _ in range(max(0, arguments.refine)):
-            middle = _round_rate((last_pass + first_fail) / 2)
-            if middle in (last_pass, first_fail):
-                break
-            verdict = judged(middle)
-            if verdict is None:
-                return
-            if verdict:
-                last_pass = middle
-            else:
-                first_fail = middle
+        last_pass = _climb(ladder, judged, arguments.refine)
+        if (
+            arguments.half_max
+            and last_pass is not None
+            and time.monotonic() + arguments.step_seconds * 1.5 <= deadline
+        ):
+            step(_round_rate(last_pass / 2), 0, half=True)
     finally:
         if uas is not None:
             uas.stop(grace=5.0)
             if uas in launcher.started:
                 launcher.started.remove(uas)
+
+
+def _climb(
+    ladder: tuple[int, ...], judged: Callable[[int], bool | None], refine: int
+) -> int | None:
+    """Climb the ladder to its first failing rate, then bisect ``refine`` times
+    between the last passing and the first failing rate; the highest passing
+    rate (None when none passed or time ran out before one did)."""
+    last_pass: int | None = None
+    first_fail: int | None = None
+    for rate in ladder:
+        verdict = judged(rate)
+        if verdict is None:
+            return last_pass
+        if not verdict:
+            first_fail = rate
+            break
+        last_pass = rate
+    if first_fail is None or last_pass is None:
+        return last_pass
+    for _ in range(max(0, refine)):
+        middle = _round_rate((last_pass + first_fail) / 2)
+        if middle in (last_pass, first_fail):
+            break
+        verdict = judged(middle)
+        if verdict is None:
+            break
+        if verdict:
+            last_pass = middle
+        else:
+            first_fail = middle
+    return last_pass
 
 
 def _round_rate(rate: float) -> int:
