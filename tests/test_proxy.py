@@ -136,6 +136,7 @@ class Harness:
         known: Iterable[str] = ("bob@example.com", "alice@example.com"),
         authenticator: Authenticator | None = None,
         transaction_config: TransactionConfig | None = None,
+        domain: str = DOMAIN,
         **config: object,
     ) -> None:
         self.now = 1000.0
@@ -149,7 +150,7 @@ class Harness:
             sockets=socket_directory(),
             locator=self.locator,
             known_user=self.known.__contains__,
-            config=ProxyConfig(domains=frozenset({DOMAIN}), **config),  # type: ignore[arg-type]
+            config=ProxyConfig(domains=frozenset({domain}), **config),  # type: ignore[arg-type]
             authenticator=authenticator,
             tokens=lambda: f"t{next(counter)}",
         )
@@ -457,6 +458,27 @@ def test_ack_for_2xx_follows_the_route_and_bye_works_in_both_directions() -> Non
     ok = only(harness.receive(answer(bye.request, 200), bye.destination))
     assert ok.destination == CALLER
     assert ok.response.cseq.method == "BYE"
+
+
+def test_an_in_dialog_request_to_a_contact_on_our_address_is_forwarded() -> None:
+    # The domain is the node's own address (as `make run` has it) and a device's
+    # contact is on that address at another port, without a user part: the BYE's
+    # Request-URI is that remote target (RFC 3261 12.2.1.1), not the server
+    # itself, and is forwarded rather than answered 405.
+    harness = Harness(domain=PUBLIC)
+    bye_bytes = request_bytes(
+        "BYE",
+        f"sip:{PUBLIC}:5070",
+        branch="z9hG4bKbye9",
+        to_tag="bobtag",
+        cseq=2,
+        headers=[f"Route: {RECORD_ROUTE}"],
+    )
+    bye = only(requests(harness.receive(bye_bytes, CALLER), "BYE"))
+    assert (bye.destination.host, bye.destination.port) == (PUBLIC, 5070)
+    # Our own address and port without a user is still the server itself.
+    options = harness.receive(request_bytes("OPTIONS", f"sip:{PUBLIC}:5060"), CALLER)
+    assert only(responses(options)).response.status == 200
 
 
 def test_bye_from_the_callee_reaches_the_caller_contact() -> None:

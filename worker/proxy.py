@@ -730,8 +730,20 @@ class ProxyCore:
         return uri.host.lower() in self._domains or self._sockets.is_own_address(uri.host, uri.port)
 
     def _addresses_server(self, uri: SipURI) -> bool:
-        """Whether ``uri`` names the server itself: no user part, our host."""
-        return uri.user is None and self._names_us(uri)
+        """Whether ``uri`` names the server itself: no user part, and our host.
+
+        With a port, the port must be one of ours too: a domain of ours may be an
+        address (``sip:127.0.0.1`` for a node on 127.0.0.1), and a device's
+        contact on that address at another port (``sip:127.0.0.1:5070``, the
+        remote target of an in-dialog request, RFC 3261 12.2.1.1) is not us.
+        """
+        if uri.user is not None:
+            return False
+        if uri.port is None:
+            return self._names_us(uri)
+        return self._sockets.is_own_address(uri.host, uri.port) or (
+            uri.host.lower() in self._domains and self._sockets.is_own_port(uri.port)
+        )
 
     def _is_own_via(self, via: Via) -> bool:
         branch = via.branch

@@ -92,6 +92,10 @@ class SocketDirectory:
             return host in self._hosts
         return (host, port) in self._advertised
 
+    def is_own_port(self, port: int) -> bool:
+        """Whether one of the cluster's sockets uses ``port`` (advertised or listen)."""
+        return any(own_port == port for _, own_port in self._advertised)
+
     def choose(
         self, transport: str, host: str, preferred: Peer | None = None
     ) -> tuple[str, LBSocket] | None:
