@@ -266,7 +266,7 @@ def _sweep(
             workload,
             rate=rate,
             seconds=arguments.step_seconds,
-            step_dir=directory / f"step-{rate}-{attempt}",
+            step_dir=directory / (f"step-{rate}-half" if half else f"step-{rate}-{attempt}"),
             injection=injection,
             domain=DOMAIN,
             rules=rules,
