@@ -47,7 +47,10 @@ def test_a_standing_queue_raises_the_refused_share_up_to_the_maximum() -> None:
     for _ in range(20):
         now = feed(control, now, CONFIG.interval, 0.001 + 0.050)  # 50 ms of queue
         fractions.append(control.refused_fraction)
-    assert fractions[1] > 0  # the first interval may straddle the change
+    # Two intervals over the target (the first may straddle the change) before
+    # the share rises.
+    assert fractions[0] == 0
+    assert fractions[2] > 0
     assert fractions == sorted(fractions)
     assert fractions[-1] == pytest.approx(CONFIG.maximum)
     # Refusals are spread evenly: exactly the share, never a run of luck.
@@ -60,6 +63,16 @@ def test_a_burst_that_drains_within_an_interval_is_not_overload() -> None:
     for _ in range(10):
         now = feed(control, now, 0.05, 0.200)  # half of each interval late ...
         now = feed(control, now, 0.05, 0.001)  # ... then the queue is empty again
+    assert control.refused_fraction == 0.0
+
+
+def test_one_interval_of_queue_is_a_stall_not_overload() -> None:
+    control = OverloadControl(CONFIG)
+    now = feed(control, 0.0, 0.5, 0.001)
+    for _ in range(10):
+        # One interval late (a collection, a slow etcd answer), then calm again.
+        now = feed(control, now, CONFIG.interval, 0.001 + 0.050)
+        now = feed(control, now, 3 * CONFIG.interval, 0.001)
     assert control.refused_fraction == 0.0
 
 

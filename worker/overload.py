@@ -15,7 +15,8 @@ delay seen over a long window is the base (clock offset between machines plus
 the batching delay); what exceeds the base is queueing.  Every ``interval`` the
 controller looks at the *lowest* queueing delay of the interval (50 ms) (a queue that
 never empties within an interval is a standing queue, CoDel's insight; a burst
-that drains is not overload): above ``target`` it refuses a larger fraction,
+that drains is not overload): above ``target`` for ``persist`` intervals in a
+row it refuses a larger fraction,
 below half of it a smaller one.  Refusals are spread evenly (a fraction
 accumulator, not a coin), so that the refused share is exact.
 
@@ -40,9 +41,14 @@ class OverloadConfig:
     500 ms of T1, so that refusing starts before UAs retransmit."""
     interval: float = 0.050
     """How often (s) the refused fraction is adjusted."""
+    persist: int = 2
+    """Consecutive intervals over the target before the refused share rises: a
+    stall of a few tens of milliseconds (a collection, a slow etcd answer) leaves a
+    backlog that drains by itself and must not turn new calls away."""
     increase: float = 0.5
-    """Each overloaded interval refuses this share of what is still accepted more."""
-    decrease: float = 0.025
+    """Each overloaded interval (from the ``persist``-th on) refuses this share of
+    what is still accepted more."""
+    decrease: float = 0.05
     """Each calm interval refuses this much less (an absolute fraction)."""
     maximum: float = 0.95
     """The largest fraction ever refused (some new work always gets through, so
@@ -55,6 +61,8 @@ class OverloadConfig:
             raise ValueError("target, interval and base_window must be positive")
         if not (0 < self.increase <= 1 and 0 < self.decrease <= 1 and 0 < self.maximum < 1):
             raise ValueError("increase and decrease in (0, 1], maximum in (0, 1)")
+        if self.persist < 1:
+            raise ValueError("persist must be at least 1")
 
 
 @dataclass(slots=True)
@@ -70,6 +78,8 @@ class OverloadControl:
     _base_since: float = 0.0
     _next_base: float | None = None
     _credit: float = 0.0
+    _over: int = 0
+    """Consecutive intervals over the target so far."""
 
     def delay_observed(self, delay: float, now: float) -> None:
         """A frame sent ``delay`` seconds ago (by the sender's clock) was read now."""
@@ -94,6 +104,8 @@ class OverloadControl:
             # Intervals without any frame (an idle inbox) were calm.
             calm = int((now - self._interval_end) / config.interval)
             self._adjust(self._interval_min)
+            if calm:
+                self._over = 0
             self.refused_fraction = max(self.refused_fraction - calm * config.decrease, 0.0)
             self._interval_min = None
             self._interval_end = now + config.interval
@@ -101,9 +113,13 @@ class OverloadControl:
     def _adjust(self, standing: float) -> None:
         config = self.config
         if standing > config.target:
-            fraction = self.refused_fraction + (1.0 - self.refused_fraction) * config.increase
-            self.refused_fraction = min(fraction, config.maximum)
-        elif standing < config.target / 2:
+            self._over += 1
+            if self._over >= config.persist:
+                fraction = self.refused_fraction + (1.0 - self.refused_fraction) * config.increase
+                self.refused_fraction = min(fraction, config.maximum)
+            return
+        self._over = 0
+        if standing < config.target / 2:
             self.refused_fraction = max(self.refused_fraction - config.decrease, 0.0)
 
     def refuse(self) -> bool:
