@@ -34,7 +34,7 @@ from loadtest.sweep._sipp import user_name, write_injection
 from registry import StoreUnavailableError, credentials_for
 from registry._etcd import MAX_TXN_OPERATIONS, call, send_txn
 
-__all__ = ["main", "provision_users"]
+__all__ = ["main", "provision_users", "write_users"]
 
 _IN_FLIGHT = 4
 """Txns outstanding at once."""
@@ -49,7 +49,14 @@ async def provision_users(
 
     Raises ConnectionError (etcd unreachable), ValueError (a bad URL or user) and
     StoreUnavailableError (etcd stopped answering)."""
-    records = [credentials_for(f"{user_name(index)}@{domain}", password) for index in indices]
+    users = [f"{user_name(index)}@{domain}" for index in indices]
+    await write_users(etcd_url, prefix, users, password)
+
+
+async def write_users(etcd_url: str, prefix: str, users: Sequence[str], password: str) -> None:
+    """Create (or replace) every ``user@domain`` of ``users`` with ``password``, in
+    batched Txns (see the module docstring); raises as ``provision_users``."""
+    records = [credentials_for(user, password) for user in users]
     keys = KeyLayout(prefix)
     client = await connect_etcd(etcd_url)
     try:

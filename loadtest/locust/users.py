@@ -7,8 +7,8 @@ at least: ``user0000``), as ``sipcluster user add`` does (``registry.add_user``:
 HA1 values only, the domain as realm, RFC 3261 22.4).  The names match the
 locustfile's ``--sip-user-prefix`` and those of ``python -m loadtest.provision``.
 
-Bounded: at most 100,000 users, 16 writes in flight, each with the registry's
-admin timeout; failures are one line on standard error and exit code 1.
+Bounded: at most 100,000 users, written as ``python -m loadtest.provision`` writes
+them (batched Txns); failures are one line on standard error and exit code 1.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import sys
 import time
 from collections.abc import Sequence
 
-from cluster.keys import DEFAULT_PREFIX, KeyLayout
-from cluster.membership import connect_etcd
-from registry import StoreUnavailableError, add_user
+from cluster.keys import DEFAULT_PREFIX
+from loadtest.provision import write_users
+from registry import StoreUnavailableError
 
 __all__ = ["MAX_USERS", "create_users", "main", "user_name"]
 
 MAX_USERS = 100_000
-_IN_FLIGHT = 16
 
 
 def user_name(prefix: str, index: int) -> str:
@@ -37,22 +36,12 @@ def user_name(prefix: str, index: int) -> str:
 async def create_users(
     etcd_url: str, etcd_prefix: str, names: Sequence[str], domain: str, password: str
 ) -> None:
-    """Create or replace ``name@domain`` with ``password`` for every name.
+    """Create or replace ``name@domain`` with ``password`` for every name, in
+    batched etcd Txns (``loadtest.provision.write_users``).
 
     Raises ConnectionError (etcd unreachable), ValueError (a malformed user) and
     StoreUnavailableError (etcd stopped answering)."""
-    keys = KeyLayout(etcd_prefix)
-    client = await connect_etcd(etcd_url)
-    try:
-        limit = asyncio.Semaphore(_IN_FLIGHT)
-
-        async def create(name: str) -> None:
-            async with limit:
-                await add_user(client, keys, f"{name}@{domain}", password)
-
-        await asyncio.gather(*(create(name) for name in names))
-    finally:
-        await client.close()
+    await write_users(etcd_url, etcd_prefix, [f"{name}@{domain}" for name in names], password)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

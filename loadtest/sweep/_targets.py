@@ -298,22 +298,9 @@ class SipclusterTarget:
 
 
 async def _add_users(etcd_url: str, prefix: str, count: int, password: str, domain: str) -> None:
-    from cluster.keys import KeyLayout  # noqa: PLC0415
-    from cluster.membership import connect_etcd  # noqa: PLC0415
-    from registry import add_user  # noqa: PLC0415
+    from loadtest.provision import provision_users  # noqa: PLC0415
 
-    client = await connect_etcd(etcd_url)
-    keys = KeyLayout(prefix)
-    try:
-        for first in range(0, count, 200):
-            await asyncio.gather(
-                *(
-                    add_user(client, keys, f"{user_name(index)}@{domain}", password)
-                    for index in range(first, min(count, first + 200))
-                )
-            )
-    finally:
-        await client.close()
+    await provision_users(etcd_url, prefix, domain, range(count), password)
 
 
 class KamailioTarget:
