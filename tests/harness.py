@@ -494,3 +494,19 @@ def add_user(node: Node, user: str, password: str) -> None:
         password,
     )
     assert result.returncode == 0, result.stderr
+
+
+def metric_sum(
+    port: int, name: str, labels: dict[str, str] | None = None, host: str = "127.0.0.1"
+) -> float:
+    """The sum of the samples ``name`` (with exactly ``labels``, when given) of the
+    /metrics served at host:port."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    text = http_get(port, "/metrics", host)[1]
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and (labels is None or sample.labels == labels)
+    )

@@ -11,14 +11,12 @@ import asyncio
 import json
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from harness import Node, UserAgent, add_user, start_node
-from prometheus_client.parser import text_string_to_metric_families
+from harness import Node, UserAgent, add_user, metric_sum, start_node
 
 from cluster.etcd import LocalEtcd
 from cluster.ring import Ring
@@ -127,15 +125,7 @@ def test_registration_with_digest_md5_and_sha256(digest_node: Node) -> None:
 
 def node_gauge(node: Node, name: str) -> float:
     """The sum over the node's processes of gauge ``name`` (the node's /metrics)."""
-    address = f"http://127.0.0.1:{node.http_port}/metrics"
-    with urllib.request.urlopen(address, timeout=5) as reply:
-        text = reply.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    )
+    return metric_sum(node.http_port, name)
 
 
 def test_challenges_keep_no_transaction(etcd_server: LocalEtcd, tmp_path: Path) -> None:

@@ -20,8 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import Node, UserAgent, cli, http_get, members_until, start_node, status
-from prometheus_client.parser import text_string_to_metric_families
+from harness import (
+    Node,
+    UserAgent,
+    cli,
+    http_get,
+    members_until,
+    metric_sum,
+    start_node,
+    status,
+)
 from sipp_load import CallLoad
 
 from cluster.etcd import LocalEtcd
@@ -178,12 +186,8 @@ def test_drain_under_call_load(etcd_server: LocalEtcd, tmp_path: Path) -> None:
             (newcomer,) = active(after) - {survivor}
             # It warmed its location cache from etcd before it joined.
             newcomer_host, _, newcomer_port = str(after.workers[newcomer].http).rpartition(":")
-            metrics = http_get(int(newcomer_port), "/metrics", newcomer_host)[1]
-            cached = next(
-                sample.value
-                for family in text_string_to_metric_families(metrics)
-                for sample in family.samples
-                if sample.name == "sipcluster_worker_bindings"
+            cached = metric_sum(
+                int(newcomer_port), "sipcluster_worker_bindings", host=newcomer_host
             )
             assert cached >= len(registered) + 1
             await caller.close()

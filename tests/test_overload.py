@@ -4,12 +4,10 @@ may be refused and how, and a node offered more calls than it can serve."""
 from __future__ import annotations
 
 import csv
-import urllib.request
 from pathlib import Path
 
 import pytest
-from harness import start_node
-from prometheus_client.parser import text_string_to_metric_families
+from harness import metric_sum, start_node
 from sipp_load import CallLoad
 
 from cluster.etcd import LocalEtcd
@@ -144,17 +142,6 @@ def test_a_user_agent_is_told_when_to_retry_a_server_is_not() -> None:
     assert not to_server.has("Retry-After")
 
 
-def metric_total(http_port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    )
-
-
 def refusals_received(directory: Path) -> int:
     """The 503s SIPp received (its -trace_counts file, last row)."""
     (path,) = directory.glob("uac_refusable_*_counts.csv")
@@ -193,7 +180,7 @@ def test_an_overloaded_node_refuses_new_calls_and_finishes_the_others(
         assert statistics.failed == 0, load.errors()
         assert statistics.successful == rate * seconds
         assert code == 0
-        refused = metric_total(node.http_port, "sipcluster_worker_overload_rejections_total")
+        refused = metric_sum(node.http_port, "sipcluster_worker_overload_rejections_total")
         assert refused > 0
         assert refusals_received(load.directory) == refused
         # A refused INVITE is the only thing refused: every other call completed

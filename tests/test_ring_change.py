@@ -15,11 +15,9 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
-from harness import Node, UserAgent, start_node
-from prometheus_client.parser import text_string_to_metric_families
+from harness import Node, UserAgent, metric_sum, start_node
 
 from cluster.etcd import LocalEtcd
 from cluster.ring import Ring, branch_worker
@@ -66,16 +64,8 @@ def start_worker(node: Node, data_dir: Path) -> tuple[subprocess.Popen[bytes], s
 
 def acks_received(node: Node, process: str) -> float:
     """The ACKs ``process`` of the node has received (its /metrics, via the node's)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "sipcluster_worker_messages_received_total"
-        and sample.labels
-        == {"kind": "request", "method": "ACK", "status_class": "", "process": process}
-    )
+    labels = {"kind": "request", "method": "ACK", "status_class": "", "process": process}
+    return metric_sum(node.http_port, "sipcluster_worker_messages_received_total", labels)
 
 
 def top_branch_worker(request: Request) -> str | None:
