@@ -276,6 +276,8 @@ async def kill_under_load(
     target = callees[4]
     before = await probe(prober, target, "before-kill@test", timeout=5)
     assert before is not None
+    # The gap is measured from a ring the load balancer routes by.
+    await lb_follows(prober, target, ring)
     await load.answered_at_least(100)
 
     killed_at = time.monotonic()
@@ -418,6 +420,23 @@ async def register_until_ok(agent: UserAgent, seconds: float = 20) -> Response:
     return response
 
 
+async def lb_follows(caller: UserAgent, callee: UserAgent, ring: Ring, seconds: float = 5) -> None:
+    """Until the load balancer routes by ``ring``: its watch of the members may lag
+    the records ``members_until`` read from etcd.  For each worker, OPTIONS with
+    Call-IDs it owns until one is forwarded by it; bounded in count and time."""
+    deadline = time.monotonic() + seconds
+    for worker in ring.workers:
+        call_ids = owned_call_ids(ring, worker, f"follows-{worker}")
+        for _ in range(200):
+            received = await probe(caller, callee, next(call_ids), timeout=2)
+            if received is not None and holder(received) == worker:
+                break
+            assert time.monotonic() < deadline, f"the load balancer never routed to {worker}"
+            await asyncio.sleep(0.05)  # the retry pace: the LB's watch is not observable
+        else:
+            raise AssertionError(f"the load balancer never routed to {worker}")
+
+
 async def routed_by_last_ring(
     caller: UserAgent, callee: UserAgent, ring: Ring, since: float, seconds: float
 ) -> None:
@@ -477,6 +496,7 @@ def test_etcd_restart_routing_from_cache_and_recovery(own_etcd: LocalEtcd, tmp_p
             callee = agents[f"callee@{DOMAIN}"]
             caller = await UserAgent("caller", DOMAIN).start(proxy)
             newcomer = await UserAgent("newcomer", DOMAIN).start(proxy)
+            await lb_follows(caller, callee, ring)
 
             await loop.run_in_executor(None, own_etcd.stop)
             stopped_at = time.monotonic()
@@ -556,6 +576,7 @@ def test_members_come_back_after_their_leases_expired(own_etcd: LocalEtcd, tmp_p
             agents = await registered_agents(proxy, ["callee"])
             callee = agents[f"callee@{DOMAIN}"]
             caller = await UserAgent("caller", DOMAIN).start(proxy)
+            await lb_follows(caller, callee, ring)
 
             # A frozen etcd is unreachable like a cut-off one, and unlike a
             # restarted one it keeps its lease clocks: when it wakes up, every
