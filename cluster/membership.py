@@ -175,13 +175,24 @@ def last_published_view() -> MemberView | None:
     return _last_published
 
 
+_CHANNEL_OPTIONS = {
+    # gRPC waits before reconnecting a lost channel, 1 s at first and growing to
+    # 120 s by default; meanwhile every call fails at once.  After an etcd outage
+    # the caches (registry/_watched.py) and the commits would stay cut off that
+    # long once etcd is back: reconnect within a second instead.
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.min_reconnect_backoff_ms": 200,
+    "grpc.max_reconnect_backoff_ms": 1000,
+}
+
+
 async def connect_etcd(url: str, timeout: float = 5.0) -> aetcd.Client:
     """Connect to etcd at ``url`` (http://host:port) and check it answers.
 
     Raises ConnectionError with a message naming the URL when it does not.
     """
     host, port = _split_url(url)
-    client = aetcd.Client(host=host, port=port, timeout=timeout)
+    client = aetcd.Client(host=host, port=port, timeout=timeout, options=dict(_CHANNEL_OPTIONS))
     try:
         await client.connect()
         await asyncio.wait_for(client.status(), timeout)

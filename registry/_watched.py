@@ -29,7 +29,11 @@ __all__ = ["WatchedRange"]
 log = logging.getLogger(__name__)
 
 _RETRY_DELAY_MIN = 0.2
-_RETRY_DELAY_MAX = 5.0
+_RETRY_DELAY_MAX = 1.0
+"""After an etcd outage a cache misses what was written meanwhile for up to this
+long once etcd is back (a call to a user who registered meanwhile, through another
+worker, fails for that long); against an absent etcd a retry is one failed
+connection attempt, so once a second costs nothing."""
 LOAD_PAGE = 5_000
 """Keys per read of a full load (a binding is some 300 bytes)."""
 _LOAD_PAGE_TIMEOUT = 30.0

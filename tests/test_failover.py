@@ -539,9 +539,9 @@ def test_etcd_restart_routing_from_cache_and_recovery(own_etcd: LocalEtcd, tmp_p
             aors = await loop.run_in_executor(None, listed_aors, node)
             assert aors == {f"callee@{DOMAIN}", f"newcomer@{DOMAIN}"}
             # The new binding reaches every worker's cache once its watch is back
-            # (it retries with a backoff of at most 5 s, registry/_watched.py).
+            # (it retries with a backoff of at most 1 s, registry/_watched.py).
             for worker in ring.workers:
-                reached_at = await reachable_through(caller, newcomer, ring, worker, seconds=8)
+                reached_at = await reachable_through(caller, newcomer, ring, worker, seconds=4)
                 print(  # noqa: T201
                     f"newcomer reachable through {worker} "
                     f"{reached_at - stopped_at - outage:.1f} s after etcd returned"
