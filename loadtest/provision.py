@@ -86,17 +86,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"provision: {message} (see --help)\n")
 
 
-def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _Parser(
-        prog="python -m loadtest.provision",
-        description="Create load-test users in etcd and write their SIPp injection file.",
-    )
+def add_user_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a command that creates load-test users in etcd (this one
+    and ``loadtest.locust.users``): where, which domain, how many, the password."""
     parser.add_argument("--etcd", required=True, help="etcd URL, http://HOST:PORT")
     parser.add_argument("--etcd-prefix", default=DEFAULT_PREFIX, help="the cluster's key prefix")
     parser.add_argument("--domain", required=True, help="the users' domain (also the realm)")
     parser.add_argument("--count", required=True, type=int, help="how many users")
     parser.add_argument("--password", required=True, help="every user's password")
     parser.add_argument("--first", type=int, default=0, help="the first user's number")
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _Parser(
+        prog="python -m loadtest.provision",
+        description="Create load-test users in etcd and write their SIPp injection file.",
+    )
+    add_user_arguments(parser)
     parser.add_argument(
         "--callees",
         type=int,

@@ -475,6 +475,22 @@ async def reachable_through(
     raise AssertionError(f"{callee.aor} unreachable through {worker}")
 
 
+async def settled(node: Node) -> tuple[MemberView, Ring, UserAgent, UserAgent]:
+    """The set-up of the etcd outage tests: both workers and the load balancer
+    listed, ``callee`` registered, ``caller`` started, and the load balancer
+    routing by the ring read from etcd.  Returns (members, ring, callee, caller)."""
+    proxy = (node.host, node.port)
+    before = await members_until(
+        node.etcd_url, node.prefix, lambda v: len(active(v)) == 2 and len(v.lbs) == 1
+    )
+    ring = Ring(before.active_workers())
+    agents = await registered_agents(proxy, ["callee"])
+    callee = agents[f"callee@{DOMAIN}"]
+    caller = await UserAgent("caller", DOMAIN).start(proxy)
+    await lb_follows(caller, callee, ring)
+    return before, ring, callee, caller
+
+
 def test_etcd_restart_routing_from_cache_and_recovery(own_etcd: LocalEtcd, tmp_path: Path) -> None:
     node = start_node(
         own_etcd.url,
@@ -487,16 +503,8 @@ def test_etcd_restart_routing_from_cache_and_recovery(own_etcd: LocalEtcd, tmp_p
 
         async def scenario() -> None:
             loop = asyncio.get_running_loop()
-            proxy = (node.host, node.port)
-            before = await members_until(
-                node.etcd_url, node.prefix, lambda v: len(active(v)) == 2 and len(v.lbs) == 1
-            )
-            ring = Ring(before.active_workers())
-            agents = await registered_agents(proxy, ["callee"])
-            callee = agents[f"callee@{DOMAIN}"]
-            caller = await UserAgent("caller", DOMAIN).start(proxy)
-            newcomer = await UserAgent("newcomer", DOMAIN).start(proxy)
-            await lb_follows(caller, callee, ring)
+            before, ring, callee, caller = await settled(node)
+            newcomer = await UserAgent("newcomer", DOMAIN).start((node.host, node.port))
 
             await loop.run_in_executor(None, own_etcd.stop)
             stopped_at = time.monotonic()
@@ -568,15 +576,7 @@ def test_members_come_back_after_their_leases_expired(own_etcd: LocalEtcd, tmp_p
     try:
 
         async def scenario() -> None:
-            proxy = (node.host, node.port)
-            before = await members_until(
-                node.etcd_url, node.prefix, lambda v: len(active(v)) == 2 and len(v.lbs) == 1
-            )
-            ring = Ring(before.active_workers())
-            agents = await registered_agents(proxy, ["callee"])
-            callee = agents[f"callee@{DOMAIN}"]
-            caller = await UserAgent("caller", DOMAIN).start(proxy)
-            await lb_follows(caller, callee, ring)
+            before, ring, callee, caller = await settled(node)
 
             # A frozen etcd is unreachable like a cut-off one, and unlike a
             # restarted one it keeps its lease clocks: when it wakes up, every

@@ -19,8 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from cluster.keys import DEFAULT_PREFIX
-from loadtest.provision import write_users
+from loadtest.provision import add_user_arguments, write_users
 from registry import StoreUnavailableError
 
 __all__ = ["MAX_USERS", "create_users", "main", "user_name"]
@@ -50,13 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m loadtest.locust.users",
         description="Create the users of the Locust load test in etcd.",
     )
-    parser.add_argument("--etcd", required=True, help="etcd URL, http://HOST:PORT")
-    parser.add_argument("--etcd-prefix", default=DEFAULT_PREFIX, help="the cluster's key prefix")
-    parser.add_argument("--domain", required=True, help="the users' domain (also the realm)")
-    parser.add_argument("--count", required=True, type=int, help="how many users")
-    parser.add_argument("--password", required=True, help="every user's password")
+    add_user_arguments(parser)
     parser.add_argument("--prefix", default="user", help="user names: PREFIX0000 ... (user)")
-    parser.add_argument("--first", type=int, default=0, help="the first user's number (0)")
     arguments = parser.parse_args(argv)
     if not 1 <= arguments.count <= MAX_USERS:
         parser.error(f"--count must be 1 .. {MAX_USERS}, not {arguments.count}")
