@@ -75,8 +75,10 @@ class Target:
 class ForwardingPlan:
     """What every branch of one response context shares (RFC 3261 16.6)."""
 
-    template: bytes
-    """The request after 16.3 and 16.4, serialized once: each branch parses a copy."""
+    template: Request
+    """A snapshot of the request after 16.3 and 16.4: each branch changes a copy of
+    it (``Request.copy`` shares the values already parsed; parsing the serialized
+    request again for each branch cost about 19 us per call, py-spy)."""
     incoming: Peer
     """Where the request came from (its socket gets the second Record-Route)."""
     incoming_flow: str | None

@@ -104,7 +104,6 @@ from sipcore import (
     Via,
     make_cancel,
     make_response,
-    parse_message,
     parse_name_addr,
     parse_uri,
     parse_via,
@@ -683,7 +682,7 @@ class ProxyCore:
         ):
             incoming_flow = self._flow_token(peer)
         plan = ForwardingPlan(
-            template=request.to_bytes(),
+            template=request.copy(),
             incoming=peer,
             incoming_flow=incoming_flow,
             loop_hash=_loop_hash(loop_key, top_via),
@@ -1046,8 +1045,7 @@ class ProxyCore:
         """Forward one copy of the request to ``target`` (RFC 3261 16.6)."""
         plan = context.plan
         # 16.6 step 1: a copy of the request, as processed by 16.3 and 16.4.
-        copy = parse_message(plan.template)
-        assert isinstance(copy, Request)
+        copy = plan.template.copy()
         # 16.6 step 2: the Request-URI becomes the target.
         if target.uri is not None:
             copy.uri = target.uri
