@@ -324,6 +324,19 @@ class Via(NamedTuple):
         return self._replace(params=_without_param(self.params, name))
 
 
+def _is_address(value: str) -> bool:
+    """Whether ``value`` is an IPv4address or an IPv6address, bracketed or not
+    (RFC 3261 25.1; RFC 5118 4.5).  The IPv4 pattern first: ``ipaddress`` costs
+    1.8 us a call, the pattern 0.2."""
+    if ":" not in value:
+        return abnf.IPV4_ADDRESS_RE.fullmatch(value) is not None
+    try:
+        ipaddress.IPv6Address(value.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def _check_via_params(params: Params, text: str) -> None:
     # via-ttl = "ttl" EQUAL ttl ; ttl = 1*3DIGIT ; 0 to 255
     # via-maddr = "maddr" EQUAL host
@@ -340,12 +353,8 @@ def _check_via_params(params: Params, text: str) -> None:
                 raise RemoteProtocolError(f"Malformed maddr in Via {text!r}")
             parse_host(value)
         elif key == "received":
-            if value is None:
+            if value is None or not _is_address(value):
                 raise RemoteProtocolError(f"Malformed received in Via {text!r}")
-            try:
-                ipaddress.ip_address(value.strip("[]"))
-            except ValueError:
-                raise RemoteProtocolError(f"Malformed received in Via {text!r}") from None
         elif key == "branch":
             if not value or abnf.TOKEN_RE.fullmatch(value) is None:
                 raise RemoteProtocolError(f"Malformed branch in Via {text!r}")
