@@ -32,11 +32,13 @@ lint: install
 bench: install
 	$(BIN)/python -m loadtest.bench_core
 
-# The SIPp load sweeps against sipcluster and Kamailio (45 minutes at most), a step
-# at half of each maximum, and a new worker's warm-up of 100,000 bindings; the
-# tables go into docs/performance.md between its "sweep tables" markers.
+# The SIPp load sweeps against sipcluster and Kamailio (REGISTER without and with
+# digest, calls over UDP and over TCP; about 45 minutes), a step at half of each
+# maximum, and a new worker's warm-up of 100,000 bindings; the tables go into
+# docs/performance.md between its "sweep tables" markers.
 sweep: install
 	$(BIN)/python -m loadtest.sweep --target both --half-max --cache-bindings 100000 \
+		--workloads register,register-digest,calls,calls-tcp \
 		--write-docs docs/performance.md
 
 clean:
