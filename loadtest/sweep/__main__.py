@@ -203,7 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache = measure(arguments.cache_bindings)
         print("\n".join(cache.lines()), flush=True)
     if arguments.write_docs is not None:
-        write_tables(arguments.write_docs, results, notes, arguments, cache)
+        if exit_code == 130:
+            # A partial run must not replace the recorded tables.
+            print(f"interrupted: {arguments.write_docs} left as it was", flush=True)
+        else:
+            write_tables(arguments.write_docs, results, notes, arguments, cache)
     return exit_code
 
 
