@@ -445,6 +445,16 @@ class Settings:
         parse_seconds,
         metavar="SECONDS",
     )
+    commit_window: float = _setting(
+        0.010,
+        "seconds a worker gathers binding changes into one etcd transaction before it "
+        "commits them (group commit): each REGISTER's 200 waits up to this long; shorter "
+        "answers sooner for more CPU per REGISTER (docs/performance.md); 0 commits at the "
+        "end of each event-loop pass",
+        frozenset({_RUN, _WORKER}),
+        parse_seconds,
+        metavar="SECONDS",
+    )
     log_level: str = _setting(
         "info",
         "the least severe log records written",

@@ -179,6 +179,7 @@ class Supervisor:
             *_flags("t1", settings.t1),
             *_flags("timer_c", settings.timer_c),
             *_flags("overload_target", settings.overload_target),
+            *_flags("commit_window", settings.commit_window),
         ]
         if settings.drain_timeout is not None:
             arguments += _flags("drain_timeout", settings.drain_timeout)

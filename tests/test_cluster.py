@@ -203,6 +203,38 @@ def test_register_refresh_and_star_removal(open_node: Node, transport: str) -> N
     assert "no bindings" in locations(open_node, f"carol-{transport}@{DOMAIN}")
 
 
+def test_the_commit_window_delays_the_200_of_a_register(
+    etcd_server: LocalEtcd, tmp_path: Path
+) -> None:
+    """``--commit-window`` reaches each worker's location store: a REGISTER's 200
+    waits for the commit, which waits up to the window for other changes to join
+    it (group commit); with 0.4 s the 200 cannot come sooner than that."""
+    node = start_node(
+        etcd_server.url,
+        tmp_path,
+        workers=1,
+        auth="none",
+        domain=DOMAIN,
+        extra=["--commit-window", "0.4"],
+    )
+
+    async def scenario() -> float:
+        (dave,) = await agents(node, "udp", "dave")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        response = await dave.register(expires=120)
+        elapsed = loop.time() - started
+        assert response.status == 200
+        await dave.close()
+        return elapsed
+
+    try:
+        assert run(scenario()) >= 0.4
+        assert "sip:dave@" in locations(node, f"dave@{DOMAIN}")
+    finally:
+        assert node.stop() == 0, "\n".join(node.log[-30:])
+
+
 def test_a_short_expiry_removes_the_binding(open_node: Node) -> None:
     async def scenario() -> None:
         dave, eve = await agents(open_node, "udp", "dave", "eve")

@@ -100,6 +100,7 @@ def test_a_killed_worker_is_replaced_and_leaves_the_ring_at_once(
         (["run", "--listen", "udp:localhost:5060"], "IP address"),
         (["run", "--auth", "maybe"], "--auth"),
         (["worker", "--http", "127.0.0.1:99999"], "--http"),
+        (["run", "--commit-window", "-0.01"], "--commit-window"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(arguments: list[str], message: str) -> None:

@@ -204,7 +204,9 @@ class Worker:
             algorithms=tuple(DigestAlgorithm(name) for name in settings.digest_algorithms),
         )
         self.users = UserStore(self.client, self.keys)
-        self.locations = LocationStore(self.client, self.keys, clock=self.wall_clock)
+        self.locations = LocationStore(
+            self.client, self.keys, clock=self.wall_clock, batch_window=settings.commit_window
+        )
         self.metrics = WorkerMetrics(
             transactions=lambda: self.layer.transaction_count,
             bindings=lambda: self.locations.binding_count,
