@@ -26,6 +26,7 @@ of "/" and identical on every worker.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -230,25 +231,18 @@ def _uri_identity(uri: URI) -> tuple[object, ...]:
 
 
 # The same contacts come back with every refresh: both functions below are pure
-# functions of the (immutable, hashable) address, memoized in bounded dicts that
-# are emptied when full (as sipcore's parsers do, and with the same size).
+# functions of the (immutable, hashable) address, memoized in least-recently-used
+# caches of sipcore's size (see sipcore/_memo.py).
 _MEMO_SIZE = 32768
-_binding_ids: dict[NameAddr, str] = {}
-_contact_texts: dict[NameAddr, str] = {}
 
 
 def binding_id_for(address: NameAddr) -> str:
     """The binding id of a contact address (see the module docstring)."""
-    binding_id = _binding_ids.get(address)
-    if binding_id is None:
-        binding_id = _compute_binding_id(address)
-        if len(_binding_ids) >= _MEMO_SIZE:
-            _binding_ids.clear()
-        _binding_ids[address] = binding_id
-    return binding_id
+    return _binding_id(address)
 
 
-def _compute_binding_id(address: NameAddr) -> str:
+@functools.lru_cache(maxsize=_MEMO_SIZE)
+def _binding_id(address: NameAddr) -> str:
     instance = address.param("+sip.instance")
     identity: tuple[object, ...]
     if instance:
@@ -267,10 +261,9 @@ def contact_text(address: NameAddr) -> str:
     The URI keeps its own parameters and escaped headers inside the brackets, and
     header parameters stay outside them (RFC 4475 3.3.12 to 3.3.14).
     """
-    text = _contact_texts.get(address)
-    if text is None:
-        text = str(address._replace(display_name=None).without_param("expires"))
-        if len(_contact_texts) >= _MEMO_SIZE:
-            _contact_texts.clear()
-        _contact_texts[address] = text
-    return text
+    return _contact_text(address)
+
+
+@functools.lru_cache(maxsize=_MEMO_SIZE)
+def _contact_text(address: NameAddr) -> str:
+    return str(address._replace(display_name=None).without_param("expires"))
