@@ -950,8 +950,16 @@ def test_terminated_transactions_are_removed_and_memory_stays_bounded() -> None:
     layer.messages_to_send()
     events(layer)
     assert layer.transaction_count == 3000  # the server transactions wait for Timer J
-    assert len(layer._heap) <= 1024 + 2 * 3000  # stale entries are compacted away
+    # Timer J of each server transaction (live), and Timers A and B of each
+    # abandoned INVITE (stale): a stale entry stays until its deadline.
+    assert layer.timer_entries == 3 * 3000
+    # At 33 s every Timer A (0.5 s) has passed, and a third of Timers B and J
+    # (32 s after 0 to 3 s): their entries are gone, stale or fired.
+    run_timers(layer, until=33.0)
+    assert layer.timer_entries == 2 * layer.transaction_count
+    assert layer.transaction_count < 2100
     run_timers(layer, until=1000.0)
+    assert layer.timer_entries == 0
     assert layer.transaction_count == 0
     assert layer.get_timer() is None
     assert layer._servers == {}
