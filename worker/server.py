@@ -115,7 +115,7 @@ LOAD_STEP = 0.05
 # or T4 (5 s, 17.1.2.2) and are not precise to the millisecond: a timer that
 # fires up to 10 ms late changes nothing on the wire.  Measured: calls at
 # 1,000/s cost 1,020-1,028 us of server CPU each with a wake-up per deadline,
-# 962 us with ticks (docs/performance.md, "Optimizations").
+# 962 us with ticks (docs/performance.md, "Before and after").
 TIMER_TICK = 0.01
 
 
