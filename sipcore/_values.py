@@ -362,7 +362,7 @@ def _check_via_params(params: Params, text: str) -> None:
             raise RemoteProtocolError(f"Malformed rport in Via {text!r}")
 
 
-def parse_via(text: str) -> Via:
+def _parse_via(text: str) -> Via:
     """Parse one via-parm (RFC 3261 20.42); raises RemoteProtocolError (400)."""
     match = abnf.VIA_RE.fullmatch(text)
     if match is None:
@@ -382,6 +382,13 @@ def parse_via(text: str) -> Via:
     if (host[-1].isdigit() or host[0] == "[") and not check_host(host):
         raise RemoteProtocolError(f"Malformed sent-by in Via {text!r}")
     return Via(transport.upper(), host, port, params, protocol, version)
+
+
+# Memoized (see _memo): a response's top Via is the one this element wrote into
+# the request, parsed when its client transaction started (RFC 3261 17.1.3 matches
+# the response by it), so the response's parse is a memo hit; a request's own Via,
+# new for each transaction, passes through.
+parse_via: Callable[[str], Via] = memoized(_parse_via)
 
 
 # --------------------------------------------------------------------- name-addr

@@ -20,6 +20,7 @@ from sipcore import (
     make_response,
     parse_message,
     parse_uri,
+    parse_via,
 )
 
 
@@ -696,3 +697,18 @@ def test_ipv6_received_parameter_without_brackets() -> None:
     malformed = basic(b"Via: SIP/2.0/UDP [2001:db8::9]:5070;branch=z9hG4bKv6;received=::g")
     with pytest.raises(MessageError):
         malformed.vias  # noqa: B018
+
+
+def test_a_via_parsed_once_is_shared_and_a_malformed_one_fails_every_time() -> None:
+    """The response's top Via is the text this element wrote into the request: the
+    second parse is the memo's (sipcore/_memo.py); errors are never memoized."""
+    text = "SIP/2.0/UDP 203.0.113.1:5060;branch=z9hG4bK-w1-memo;rport"
+    request = parse_message(request_bytes(b"Via: " + text.encode(), *BASIC[1:]))
+    response = parse_message(
+        request_bytes(b"Via: " + text.encode(), *BASIC[2:], start=b"SIP/2.0 180 Ringing")
+    )
+    assert request.via is response.via is parse_via(text)
+    assert response.via.branch == "z9hG4bK-w1-memo"
+    for _ in range(2):
+        with pytest.raises(RemoteProtocolError):
+            parse_via("SIP/2.0/UDP 203.0.113.1:99999;branch=z9hG4bK-w1-memo")
