@@ -36,7 +36,7 @@ from sipcore import (
 from worker._response_context import best_response
 from worker.auth import Authenticator
 from worker.proxy import ForkingMode, ProxyConfig, ProxyCore, ProxyMode, Refusal
-from worker.transport import Peer, SocketDirectory
+from worker.transport import Peer, SocketDirectory, response_peer
 
 DOMAIN = "example.com"
 PUBLIC = "203.0.113.1"  # the advertised address of every load balancer socket here
@@ -1186,3 +1186,17 @@ def test_config_from_settings() -> None:
 def test_refusals_have_distinct_answers() -> None:
     values: Callable[[Refusal], tuple[int, str]] = lambda refusal: (refusal.status, refusal.reason)  # noqa: E731
     assert len({values(refusal) for refusal in Refusal}) == len(Refusal)
+
+
+def test_responses_go_to_the_via_port_unless_rport_or_a_connection() -> None:
+    """RFC 3261 18.2.2 and RFC 3581 4: the source address, at the sent-by port
+    (default 5060) or with rport at the source port; over TCP the connection."""
+    via = parse_message(request_bytes(via_host="192.0.2.10")).via  # port 5060
+    assert response_peer(CALLER, via) is CALLER  # from its sent-by port
+    moved = Peer("lb1", 0, "udp", "192.0.2.10", 40000)
+    assert response_peer(moved, via) == Peer("lb1", 0, "udp", "192.0.2.10", 5060, None)
+    no_port = parse_message(request_bytes().replace(b":5060;branch", b";branch")).via
+    assert response_peer(moved, no_port).port == 5060
+    with_rport = parse_message(request_bytes(rport=True)).via
+    assert response_peer(moved, with_rport) is moved
+    assert response_peer(BOB_TCP, via) is BOB_TCP

@@ -44,7 +44,11 @@ def response_peer(request_peer: Peer, via: Via) -> Peer:
     if via.has_rport:
         return request_peer
     port = via.port if via.port is not None else 5060
-    return request_peer._replace(port=port, connection_id=None)
+    if port == request_peer.port and request_peer.connection_id is None:
+        return request_peer  # the common case: the request came from its sent-by port
+    # Built directly: NamedTuple._replace costs several times more.
+    lb_id, socket_id, transport, host = request_peer[:4]
+    return Peer(lb_id, socket_id, transport, host, port, None)
 
 
 class SocketDirectory:
