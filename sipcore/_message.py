@@ -75,6 +75,8 @@ KNOWN_METHODS = frozenset(
 # (RFC 3261 8.2.6.2).  Max-Forwards is left out: RFC 2543 elements omit it and
 # a proxy adds it (RFC 3261 16.6 step 3, RFC 4475 3.4.1).
 MANDATORY_HEADERS = ("via", "from", "to", "call-id", "cseq")
+_MANDATORY_SET = frozenset(MANDATORY_HEADERS)
+_SINGLE_ORDER = tuple(sorted(SINGLE_HEADERS))  # a stable order for the error message
 
 _SURROGATE = "surrogateescape"
 _CRLF = b"\r\n"
@@ -591,13 +593,16 @@ class Message:
 
     def _validate_common(self) -> None:
         names = self._names
-        for name in MANDATORY_HEADERS:
-            if name not in names:
-                # RFC 3261 8.1.1: every request carries these; RFC 4475 3.3.1.
-                raise self._error(f"Missing {display_name(name)} header")
-        if len(names) != len(set(names)):
-            for name in SINGLE_HEADERS:
-                if names.count(name) > 1:
+        present = set(names)
+        if not present >= _MANDATORY_SET:
+            for name in MANDATORY_HEADERS:
+                if name not in present:
+                    # RFC 3261 8.1.1: every request carries these; RFC 4475 3.3.1.
+                    raise self._error(f"Missing {display_name(name)} header")
+        if len(names) != len(present):
+            # Some name repeats (a second Via or Record-Route is the common case).
+            for name in _SINGLE_ORDER:
+                if name in present and names.count(name) > 1:
                     # RFC 4475 3.3.8 and 3.3.9: a repeated single-valued header is a 400.
                     raise self._error(f"More than one {display_name(name)} header")
         # The top Via is what every element reads (transaction matching, RFC 3261
@@ -648,17 +653,17 @@ class Message:
 
     def to_bytes(self) -> bytes:
         """Serialize the message; untouched fields are written as received."""
-        parts = [self._start_line()]
-        values = self._values
-        for index, raw in enumerate(self._raws):
-            if raw is not None:
-                parts.append(raw)
-            else:
-                line = f"{display_name(self._names[index])}: {values[index]}"
-                parts.append(line.encode("utf-8", _SURROGATE))
-        parts.append(b"")
-        parts.append(self.body)
-        return _CRLF.join(parts)
+        raws: list[bytes | None] | list[bytes] = self._raws
+        if None in raws:
+            names = self._names
+            values = self._values
+            raws = [
+                raw
+                if raw is not None
+                else f"{display_name(names[index])}: {values[index]}".encode("utf-8", _SURROGATE)
+                for index, raw in enumerate(raws)
+            ]
+        return _CRLF.join([self._start_line(), *raws, b"", self.body])
 
     def __bytes__(self) -> bytes:
         return self.to_bytes()

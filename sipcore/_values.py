@@ -590,7 +590,7 @@ class CSeq(NamedTuple):
         return f"{self.number} {self.method}"
 
 
-def parse_cseq(text: str) -> CSeq:
+def _parse_cseq(text: str) -> CSeq:
     """Parse ``1*DIGIT LWS Method``; raises RemoteProtocolError (400)."""
     match = abnf.CSEQ_RE.fullmatch(text)
     if match is None:
@@ -601,3 +601,8 @@ def parse_cseq(text: str) -> CSeq:
     if number >= 2**31:
         raise RemoteProtocolError("CSeq number out of range")
     return CSeq(number, match.group(2))
+
+
+# Memoized (see _memo): the values of a dialog recur ("1 INVITE", "2 BYE"), and
+# every response carries its request's CSeq (RFC 3261 8.2.6.2).
+parse_cseq: Callable[[str], CSeq] = memoized(_parse_cseq)
