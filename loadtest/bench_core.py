@@ -10,7 +10,14 @@ Prints throughput for:
 * the same with every header the core knows (Contact, all Vias, Allow,
   Supported, Content-Type ...), for comparison;
 * Call-ID extraction alone, what the load balancer does per request;
-* a digest verification (nonce check and response check), SHA-256 and MD5.
+* a digest verification (nonce check and response check), SHA-256 and MD5;
+* a call through the worker's sans-IO core: INVITE, 180, 200, ACK, BYE and its
+  200 as a SIPp caller and callee send them, each parsed and validated, through
+  the transaction layer and the record-routing proxy (``worker/proxy.py``), and
+  every message it sends serialized; timers fire on 10 ms ticks of virtual time
+  at 2,000 calls/s.  Only the worker's share is timed (building the callee's
+  answers is not), per call.  What it leaves out, and the worker pays too: the
+  ZeroMQ frames and msgpack envelopes, the event loop, metrics.
 
 Each figure is the best of five rounds.  Usage: ``python -m loadtest.bench_core``.
 """
@@ -23,18 +30,24 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from cluster.membership import LBRecord, LBSocket
 from loadtest.messages import INVITE, distinct_invites
 from sipcore import (
     DigestAlgorithm,
     DigestServer,
     NonceKeyring,
+    TransactionLayer,
     build_credentials,
     compute_ha1,
     extract_call_id,
     parse_challenge,
     parse_message,
 )
+from sipcore import Request as SipRequest
+from worker.proxy import ProxyConfig, ProxyCore
+from worker.transport import Peer, SocketDirectory
 
 ROUNDS = 5
 
@@ -130,6 +143,136 @@ def digest_verification(algorithm: DigestAlgorithm, count: int) -> Callable[[], 
     return work
 
 
+@dataclass(frozen=True)
+class _Binding:
+    uri: str
+    received: Peer | None
+    q: float | None = None
+    path: tuple[str, ...] = ()
+
+
+class _Locator:
+    """One binding per callee, as the worker's location cache holds it."""
+
+    def __init__(self, callee: Peer, accounts: int) -> None:
+        self.bindings = {
+            f"bob{index}@example.com": [_Binding(f"sip:bob{index}@127.0.0.1:5080", callee)]
+            for index in range(accounts)
+        }
+
+    def lookup(self, aor: str) -> list[_Binding]:
+        return self.bindings.get(aor, [])
+
+
+def _answer(request: bytes, status: str, to_tag: str, contact: bool = True) -> bytes:
+    """A SIPp callee's answer: the request's Via, Record-Route, From, To, Call-ID
+    and CSeq lines copied, a To tag added."""
+    head = request.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+    kept = [
+        line + (b";tag=" + to_tag.encode() if line.startswith(b"To:") and to_tag else b"")
+        for line in head
+        if line.split(b":", 1)[0] in (b"Via", b"Record-Route", b"From", b"To", b"Call-ID", b"CSeq")
+    ]
+    if contact:
+        kept.append(b"Contact: <sip:bob@127.0.0.1:5080>")
+    return b"\r\n".join([b"SIP/2.0 " + status.encode(), *kept, b"Content-Length: 0", b"", b""])
+
+
+def proxy_call_cost(calls: int, accounts: int = 100) -> float:
+    """The worker's sans-IO CPU per call, in seconds (see the module docstring)."""
+    caller = Peer("lb1", 0, "udp", "127.0.0.1", 5070)
+    callee = Peer("lb1", 0, "udp", "127.0.0.1", 5080)
+    sockets = SocketDirectory()
+    sockets.update(
+        {
+            "lb1": LBRecord(
+                "lb1", "ipc:///bench", (LBSocket(0, "udp", "127.0.0.1", 5060, "127.0.0.1", 5060),)
+            )
+        }
+    )
+    layer = TransactionLayer()
+    proxy = ProxyCore(
+        layer,
+        worker_id="w1",
+        sockets=sockets,
+        locator=_Locator(callee, accounts),
+        known_user=lambda aor: True,
+        config=ProxyConfig(domains=frozenset({"example.com"})),
+    )
+    now = 1000.0
+    spent = 0.0
+
+    def feed(data: bytes, source: Peer) -> list[bytes]:
+        nonlocal spent
+        started = time.perf_counter()
+        message = parse_message(data, datagram=True)
+        message.validate()
+        if isinstance(message, SipRequest):
+            layer.receive_request(message, source, reliable=False, now=now)
+        else:
+            layer.receive_response(message, source, now)
+        while (event := layer.next_event()) is not None:
+            proxy.handle_event(event, now)
+        sent = [outgoing.data for outgoing in layer.messages_to_send()]
+        spent += time.perf_counter() - started
+        return sent
+
+    def tick() -> None:
+        nonlocal spent
+        started = time.perf_counter()
+        layer.handle_timer(now)
+        proxy.handle_timer(now)
+        while (event := layer.next_event()) is not None:
+            proxy.handle_event(event, now)
+        layer.messages_to_send()
+        spent += time.perf_counter() - started
+
+    for index in range(calls):
+        user = index % accounts
+        common = (
+            f"From: sipp <sip:alice{user}@example.com>;tag={index}SIPpTag001\r\n"
+            f"Call-ID: {index}-4242@127.0.0.1\r\n"
+        )
+        invite = (
+            f"INVITE sip:bob{user}@example.com SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-{index}-1-0\r\n{common}"
+            f"To: <sip:bob{user}@example.com>\r\nCSeq: 1 INVITE\r\n"
+            "Contact: <sip:alice@127.0.0.1:5070>\r\nMax-Forwards: 70\r\n"
+            "Content-Type: application/sdp\r\nContent-Length: 4\r\n\r\nv=0\n"
+        ).encode()
+        forwarded = next(data for data in feed(invite, caller) if data.startswith(b"INVITE"))
+        feed(_answer(forwarded, "180 Ringing", "bobtag"), callee)
+        sent = feed(_answer(forwarded, "200 OK", "bobtag"), callee)
+        ok = next(data for data in sent if data.startswith(b"SIP/2.0 200"))
+        routes = "".join(
+            f"Route: {line[14:].decode()}\r\n"
+            for line in ok.split(b"\r\n")
+            if line.startswith(b"Record-Route: ")
+        )
+        for method, cseq in (("ACK", 1), ("BYE", 2)):
+            request = (
+                f"{method} sip:bob@127.0.0.1:5080 SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-{index}-{method}\r\n{routes}"
+                f"{common}To: <sip:bob{user}@example.com>;tag=bobtag\r\n"
+                f"CSeq: {cseq} {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            ).encode()
+            sent = feed(request, caller)
+        bye = next(data for data in sent if data.startswith(b"BYE"))
+        feed(_answer(bye, "200 OK", "", contact=False), callee)
+        now += 0.0005  # 2,000 calls/s
+        if index % 20 == 19:
+            tick()  # the worker's 10 ms timer ticks
+    return spent / calls
+
+
+def best_call_rate(calls: int) -> float:
+    best = 0.0
+    for _ in range(ROUNDS):
+        gc.collect()
+        best = max(best, 1 / proxy_call_cost(calls))
+    return best
+
+
 def main() -> int:
     """Run the benchmarks and print a table."""
     invites = distinct_invites(20_000)
@@ -150,6 +293,7 @@ def main() -> int:
             best_rate(digest_verification(DigestAlgorithm.MD5, 20_000)),
             None,
         ),
+        ("call through the proxy core (per call)", best_call_rate(5_000), None),
     ]
     print(f"{'operation':40s} {'per second':>12s} {'us each':>9s} {'target':>10s}")
     for name, rate, target in rows:
