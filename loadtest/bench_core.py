@@ -30,10 +30,10 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from cluster.membership import LBRecord, LBSocket
 from loadtest.messages import INVITE, distinct_invites
+from registry import Binding
 from sipcore import (
     DigestAlgorithm,
     DigestServer,
@@ -144,24 +144,28 @@ def digest_verification(algorithm: DigestAlgorithm, count: int) -> Callable[[], 
     return work
 
 
-@dataclass(frozen=True)
-class _Binding:
-    uri: str
-    received: Peer | None
-    q: float | None = None
-    path: tuple[str, ...] = ()
-
-
 class _Locator:
     """One binding per callee, as the worker's location cache holds it."""
 
     def __init__(self, callee: Peer, accounts: int) -> None:
         self.bindings = {
-            f"bob{index}@example.com": [_Binding(f"sip:bob{index}@127.0.0.1:5080", callee)]
+            f"bob{index}@example.com": [
+                Binding(
+                    aor=f"bob{index}@example.com",
+                    binding_id="b1",
+                    contact=f"<sip:bob{index}@127.0.0.1:5080>",
+                    uri=f"sip:bob{index}@127.0.0.1:5080",
+                    expires_at=float("inf"),
+                    q=None,
+                    call_id=f"reg-{index}",
+                    cseq=1,
+                    received=callee,
+                )
+            ]
             for index in range(accounts)
         }
 
-    def lookup(self, aor: str) -> list[_Binding]:
+    def lookup(self, aor: str) -> list[Binding]:
         return self.bindings.get(aor, [])
 
 
