@@ -351,9 +351,10 @@ class Settings:
         frozenset({_LB, _WORKER}),
     )
     batch_delay: float = _setting(
-        0.001,
-        "seconds a process gathers the messages for one peer before sending them as one "
-        "ZeroMQ frame; 0 sends at the end of each event-loop pass (docs/performance.md)",
+        0.002,
+        "shortest interval in seconds between two ZeroMQ frames a process sends (what "
+        "gathers meanwhile shares a frame; after a quiet spell a message leaves at once); "
+        "0 sends at the end of each event-loop pass (docs/performance.md)",
         frozenset({_RUN, _LB, _WORKER}),
         parse_seconds,
         metavar="SECONDS",

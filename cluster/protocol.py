@@ -2,9 +2,9 @@
 
 Every process binds one PULL socket, its inbox, and reaches a peer through a PUSH
 socket connected to the peer's inbox (endpoints are published in etcd).  A frame
-is a msgpack array of envelopes: a sender gathers what one pass of its event loop
-produced for a peer and sends it as one frame (batching is what makes the hop
-cheap: ../shared/PERFORMANCE-NOTES.md).
+is a msgpack array of envelopes: a sender gathers what it has for a peer and sends
+it as one frame (batching is what makes the hop cheap:
+../shared/PERFORMANCE-NOTES.md), paced by ``FramePacer``.
 
 Each envelope is a msgpack array whose first element is its kind:
 
@@ -55,12 +55,14 @@ back to a worker already in it).
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any, NamedTuple
 
 import msgpack
 
 __all__ = [
     "ConnectionClosed",
+    "FramePacer",
     "Inbound",
     "Kind",
     "Outbound",
@@ -166,6 +168,39 @@ class ConnectionClosed(NamedTuple):
     def pack(self) -> list[Any]:
         """The envelope as a msgpack-ready list."""
         return [Kind.CONNECTION_CLOSED, *self]
+
+
+class FramePacer:
+    """When a process sends its gathered envelopes: at most one flush per
+    ``interval`` seconds.
+
+    After a quiet spell (the last flush ``interval`` or more ago) a message leaves
+    at the end of the event-loop pass that produced it, with no added delay; under
+    load the flushes come ``interval`` apart and each frame holds what gathered
+    meanwhile.  A frame costs a wake-up of the receiver and of ZeroMQ's I/O
+    threads, so the pace bounds that cost per message at high rates while light
+    traffic waits for nothing.  (Waiting ``interval`` after the first message of
+    each batch instead delays every message, even a lone one, and under load
+    gives the same frame rate at half the interval's latency budget: the frames
+    come one interval plus one arrival apart.)  Times are the caller's clock, in
+    seconds; the pacer reads none.
+    """
+
+    __slots__ = ("_last", "interval")
+
+    def __init__(self, interval: float) -> None:
+        if interval < 0:
+            raise ValueError("a flush interval is 0 or more seconds")
+        self.interval = interval
+        self._last = -math.inf
+
+    def wait(self, now: float) -> float:
+        """Seconds from ``now`` until the next flush may go (0: at the end of this pass)."""
+        return max(0.0, self._last + self.interval - now)
+
+    def flushed(self, now: float) -> None:
+        """Note a flush at ``now``."""
+        self._last = now
 
 
 _packer = msgpack.Packer(use_bin_type=True)

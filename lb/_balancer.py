@@ -20,7 +20,10 @@ holds dozens and the load balancer spends ~4.5 us of CPU per message, most of it
 in the recvmsg/sendmsg system calls.  At a moderate rate a pass holds one to
 three messages and each frame costs a wake-up of ZeroMQ's I/O thread, of the
 worker and back: per message that is several times dearer.  ``flush_delay``
-(e.g. 1 ms) lets a frame gather several passes, for that much latency.
+(2 ms in a cluster, ``--batch-delay``) paces the frames: at most one flush per
+``flush_delay``, so that under load a frame gathers several passes, while a
+message after a quiet spell leaves at the end of its pass
+(``cluster.protocol.FramePacer``).
 
 Routing (no per-call state, every load balancer gives the same answer):
 
@@ -68,7 +71,7 @@ from cluster.membership import (
 )
 from cluster.metrics import message_label, response_label
 from cluster.notify import notify_ready
-from cluster.protocol import Kind, pack_frame, unpack_frame
+from cluster.protocol import FramePacer, Kind, pack_frame, unpack_frame
 from cluster.ring import Ring, branch_worker, slot_of
 from sipcore import extract_call_id, top_via_branch
 
@@ -236,10 +239,12 @@ class LoadBalancer:
     ) -> None:
         """Prepare (nothing is bound yet); raises StartupError for an unusable id.
 
-        ``flush_delay`` 0 sends each worker's batch at the end of the event-loop
-        pass that started it; a positive delay (libuv timers have millisecond
-        resolution) gathers several passes into one frame, trading that much
-        latency for fewer wake-ups at moderate load (module docstring).
+        ``flush_delay`` is the shortest interval between two flushes of the
+        workers' batches (``cluster.protocol.FramePacer``): 0 sends each batch at
+        the end of the event-loop pass that started it; a positive interval
+        (libuv timers have millisecond resolution) gathers several passes into one
+        frame under load, trading up to that much latency for fewer wake-ups
+        (module docstring).
         """
         self.settings = settings
         if settings.id is not None:
@@ -259,7 +264,8 @@ class LoadBalancer:
         self.keys = KeyLayout(settings.etcd_prefix)
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
-        self.flush_delay = flush_delay
+        self.pacer = FramePacer(flush_delay)
+        """Paces the frames to the workers: at most one flush per ``flush_delay``."""
         self.counters = Counters()
         self.sockets: tuple[LBSocket, ...] = ()
         """The SIP sockets, by id, with their real ports (after ``start``)."""
@@ -686,12 +692,14 @@ class LoadBalancer:
 
     def _start_batch(self, worker: str, envelope: list[Any]) -> None:
         if not self._batches:
-            # The first message of this pass: flush once the pass is over.
-            if self.flush_delay > 0:
-                self._running_loop().call_later(self.flush_delay, self._flush)
+            # The first message since the last flush (cluster.protocol.FramePacer).
+            now = time.perf_counter()
+            wait = self.pacer.wait(now)
+            if wait > 0:
+                self._running_loop().call_later(wait, self._flush)
             else:
                 self._running_loop().call_soon(self._flush)
-            self._pass_started = time.perf_counter()
+            self._pass_started = now
         # Each frame opens with the time its first message arrived: the worker
         # measures its queueing delay with it (worker/overload.py).
         self._batches[worker] = [[Kind.STAMP, time.time()], envelope]
@@ -703,6 +711,7 @@ class LoadBalancer:
             return
         self._batches = {}
         started = self._pass_started
+        self.pacer.flushed(time.perf_counter())
         pushers = self._pushers
         counters = self.counters
         observe_size = self.metrics.frame_envelopes.observe

@@ -859,6 +859,46 @@ def test_back_to_back_datagrams_share_frames(
     run(scenario)
 
 
+def test_frames_are_paced_by_the_flush_delay(
+    etcd_server: LocalEtcd, key_layout: KeyLayout, tmp_path: Path
+) -> None:
+    """A message after a quiet spell leaves at once; what follows within the
+    interval waits for it and shares one frame (cluster.protocol.FramePacer)."""
+    delay = 1.0
+
+    async def scenario() -> None:
+        async with cluster(etcd_server, key_layout) as state:
+            worker = await state.add_worker("wa")
+            lb = await state.start_lb(
+                lb_settings(etcd_server, key_layout, tmp_path), flush_delay=delay
+            )
+            client = await UdpClient.open()
+            await warm_up(lb, client, (worker,), state.port())
+            loop = asyncio.get_running_loop()
+            # The quiet spell itself: the interval since the warm-up's frames passes.
+            await asyncio.sleep(delay)
+            while not worker.frames.empty():
+                worker.frames.get_nowait()
+
+            client.send(request("alone@test"), ("127.0.0.1", state.port()))
+            # Not held back for the interval: under the interval's half.
+            frame = await asyncio.wait_for(worker.frames.get(), delay / 2)
+            first = loop.time()
+            assert [inbound_from(envelope[1:]).data for envelope in frame] == [
+                request("alone@test")
+            ]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as blaster:
+                for index in range(2):
+                    blaster.sendto(request(f"paced-{index}@test"), ("127.0.0.1", state.port()))
+            frame = await asyncio.wait_for(worker.frames.get(), TIMEOUT)
+            assert loop.time() - first >= delay * 0.75
+            assert [inbound_from(envelope[1:]).data for envelope in frame] == [
+                request(f"paced-{index}@test") for index in range(2)
+            ]
+
+    run(scenario)
+
+
 def test_sigterm_stops_the_subprocess_and_removes_its_record(
     etcd_server: LocalEtcd, key_layout: KeyLayout, tmp_path: Path
 ) -> None:

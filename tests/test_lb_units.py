@@ -18,6 +18,7 @@ from cluster.etcd import LocalEtcd, free_port
 from cluster.keys import KeyLayout
 from cluster.notify import notify as notify_parent
 from cluster.notify import notify_ready
+from cluster.protocol import FramePacer
 from lb import DatagramKind, ExitCode, classify_datagram, main
 
 REQUEST = (
@@ -164,3 +165,19 @@ def test_python_m_lb_prints_one_line_when_etcd_is_unreachable(
     assert len(lines) == 1, completed.stderr
     assert "etcd" in lines[0]
     assert "unreachable" in lines[0]
+
+
+def test_frame_pacer_sends_at_once_after_a_quiet_spell_and_paces_under_load() -> None:
+    pacer = FramePacer(0.002)
+    assert pacer.wait(100.0) == 0.0  # nothing sent yet
+    pacer.flushed(100.0)
+    assert pacer.wait(100.0005) == pytest.approx(0.0015)  # the rest of the interval
+    assert pacer.wait(100.002) == 0.0
+    pacer.flushed(100.0025)
+    assert pacer.wait(100.0026) == pytest.approx(0.0019)
+    assert pacer.wait(100.5) == 0.0  # a quiet spell: at the end of this pass
+    unpaced = FramePacer(0.0)
+    unpaced.flushed(5.0)
+    assert unpaced.wait(5.0) == 0.0
+    with pytest.raises(ValueError, match="0 or more seconds"):
+        FramePacer(-0.001)

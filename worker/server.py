@@ -55,7 +55,15 @@ from cluster.membership import (
     connect_etcd,
 )
 from cluster.notify import notify, notify_ready
-from cluster.protocol import Inbound, Kind, Outbound, inbound_from, pack_frame, unpack_frame
+from cluster.protocol import (
+    FramePacer,
+    Inbound,
+    Kind,
+    Outbound,
+    inbound_from,
+    pack_frame,
+    unpack_frame,
+)
 from cluster.ring import check_worker_id
 from sipcore import (
     DigestAlgorithm,
@@ -153,6 +161,7 @@ class Worker:
         self._outgoing: dict[str, list[list[Any]]] = {}
         self._to_workers: dict[str, list[list[Any]]] = {}
         self._flush_scheduled = False
+        self._pacer = FramePacer(settings.batch_delay)
         self._after_work_scheduled = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._gc_timer: asyncio.TimerHandle | None = None
@@ -574,14 +583,15 @@ class Worker:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and (self._outgoing or self._to_workers):
             self._flush_scheduled = True
-            delay = self.settings.batch_delay
-            if delay > 0:
-                self._loop().call_later(delay, self._flush)
+            wait = self._pacer.wait(time.perf_counter())  # cluster.protocol.FramePacer
+            if wait > 0:
+                self._loop().call_later(wait, self._flush)
             else:
                 self._loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._pacer.flushed(time.perf_counter())
         for queues in (self._outgoing, self._to_workers):
             for member, envelopes in queues.items():
                 entry = self._push.get(member)
