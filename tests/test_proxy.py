@@ -599,6 +599,31 @@ def test_parallel_forking_first_2xx_wins_and_the_other_branch_is_cancelled() -> 
     assert late.destination == CALLER
 
 
+def test_a_context_settles_once_its_final_response_went_upstream() -> None:
+    """RFC 3261 16.7: once the final response is sent and no branch pends, the
+    context keeps no parsed request (a call's memory for the 32 s its transactions
+    wait); the 2xx retransmissions of RFC 6026 are still relayed."""
+    harness = Harness(bindings=TWO_BINDINGS)
+    _, forwarded = call_bob(harness)
+    first, second = (item.request for item in forwarded)
+    harness.receive(answer(second, 180, tag="other"), BOB_TOO)
+    sent = harness.receive(answer(first, 200), BOB)
+    assert only(requests(sent, "CANCEL")).destination == BOB_TOO
+    (context,) = harness.proxy._contexts.values()
+    # The CANCELled branch still pends: a 408 may have to stand in for it.
+    assert context.request is not None
+    harness.receive(answer(second, 487, tag="other"), BOB_TOO)
+    assert context.request is None
+    assert context.plan is None
+    assert [branch.request for branch in context.branches] == [None, None]
+    sent = harness.receive(answer(first, 200), BOB)  # a retransmission
+    relayed = only(responses(sent))
+    assert (relayed.response.status, relayed.destination) == (200, CALLER)
+    harness.receive(request_bytes("ACK", branch="z9hG4bKcaller2", to_tag="bobtag"), CALLER)
+    harness.advance(60.0)
+    assert harness.proxy.context_count == 0
+
+
 def test_a_6xx_cancels_the_other_branches_and_is_the_final_response() -> None:
     harness = Harness(bindings=TWO_BINDINGS)
     _, forwarded = call_bob(harness)

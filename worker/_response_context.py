@@ -14,7 +14,6 @@ one wave per distinct q-value, so that targets of equal q are tried in parallel.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -117,8 +116,9 @@ class Branch:
     ) -> None:
         self.context = context
         self.transaction_id = transaction_id
-        self.request = request
-        """The request as forwarded (a CANCEL is built from it, RFC 3261 9.1)."""
+        self.request: Request | None = request
+        """The request as forwarded (a CANCEL is built from it, RFC 3261 9.1); None
+        once the context settled."""
         self.destination = destination
         self.state = BranchState.TRYING
         self.cancel = CancelState.NOT_REQUESTED
@@ -159,15 +159,17 @@ class ResponseContext:
         plan: ForwardingPlan,
     ) -> None:
         self.server_transaction_id = server_transaction_id
-        self.plan = plan
-        self.request = request
+        self.plan: ForwardingPlan | None = plan
+        """How branches are made; None once settled."""
+        self.request: Request | None = request
         """The request as received (top Via with received/rport): the template of the
-        responses the proxy makes itself (408, 487, 500 ...)."""
+        responses the proxy makes itself (408, 487, 500 ...); None once settled."""
         self.response_destination = response_destination
         """Where responses go (RFC 3261 18.2.2, RFC 3581)."""
         self.invite = request.method == "INVITE"
-        self.waves: deque[Sequence[Target]] = deque(waves)
-        """Target waves not started yet (serial forking)."""
+        # A list: one wave is the rule, and an empty deque alone takes some 600 bytes.
+        self.waves: list[Sequence[Target]] = list(waves)
+        """Target waves not started yet (serial forking), the next first."""
         self.branches: list[Branch] = []
         self.responses: list[Response] = []
         """Final responses 300-699 kept for the choice of 16.7 step 6, in arrival order."""
@@ -196,6 +198,26 @@ class ResponseContext:
         if any(branch.pending for branch in self.branches):
             return False
         return self.forking_stopped or not self.waves
+
+    def settle(self) -> bool:
+        """Drop what only the choice of a final response needs, once that choice is
+        over: the final response went upstream and no branch waits for one (RFC 3261
+        16.7 steps 4 to 6; a CANCEL goes only to a pending branch, 9.1).  The
+        context itself stays until its transactions end, for the 2xx
+        retransmissions of RFC 6026 and the ACKs and CANCELs that name it, some
+        32 s for an INVITE: without its parsed requests a call keeps a fraction
+        of the memory.  Returns whether the context is settled."""
+        if self.request is None:
+            return True
+        if not self.final_sent or any(branch.pending for branch in self.branches):
+            return False
+        self.request = None
+        self.plan = None
+        self.responses.clear()
+        self.waves.clear()
+        for branch in self.branches:
+            branch.request = None
+        return True
 
     @property
     def discardable(self) -> bool:

@@ -1024,12 +1024,17 @@ class ProxyCore:
             if context.waves and not context.forking_stopped:
                 self._start_wave(context, now)
                 continue
+            assert context.request is not None  # settled only after the final response
             response = best_response(context.request, context.responses, self._tokens())
             self._send_final(context, response, now)
+        context.settle()
 
     def _start_wave(self, context: ResponseContext, now: float) -> None:
-        wave = context.waves.popleft()
+        wave = context.waves.pop(0)
         plan = context.plan
+        # Not settled: no final response was sent yet.
+        assert plan is not None
+        assert context.request is not None
         if len(wave) == 1:
             # One branch is not forking: it carries the whole Max-Breadth.
             self._start_branch(context, wave[0], plan.breadth, now)
@@ -1048,6 +1053,7 @@ class ProxyCore:
     ) -> None:
         """Forward one copy of the request to ``target`` (RFC 3261 16.6)."""
         plan = context.plan
+        assert plan is not None  # not settled: no final response yet
         # 16.6 step 1: a copy of the request, as processed by 16.3 and 16.4.
         copy = plan.template.copy()
         # 16.6 step 2: the Request-URI becomes the target.
@@ -1123,7 +1129,8 @@ class ProxyCore:
         # 16.7 step 3: our Via goes; what is left routes the response upstream.
         response.pop_first("Via")
         if not response.has("via"):
-            if status < 200:
+            if status < 200 or context.request is None:
+                # A settled context sent its final response: nothing to stand in for.
                 return
             # Downstream lost the upstream Vias: stand in with our own response.
             response = make_response(
@@ -1185,6 +1192,7 @@ class ProxyCore:
                 )
             context.final_status = response.status
             context.forking_stopped = True
+        context.settle()
 
     def _complete(self, branch: Branch, response: Response, now: float) -> None:
         """A final response 300-699, received or stood in for, ends ``branch``."""
@@ -1210,6 +1218,7 @@ class ProxyCore:
 
     def _stand_in(self, context: ResponseContext, status: int) -> Response:
         """A response the proxy makes for a branch that got none (408, 487, 503)."""
+        assert context.request is not None  # a settled context has no pending branch
         return make_response(context.request, status, to_tag=self._tokens())
 
     # ------------------------------------------------------- 16.8, 16.9, 16.10
@@ -1230,6 +1239,7 @@ class ProxyCore:
         # RFC 3261 9.1: built from the request as forwarded, sent where it went, on
         # a client transaction of its own.
         destination = branch.destination
+        assert branch.request is not None  # only a pending branch is CANCELled
         transaction_id = self._layer.send_request(
             make_cancel(branch.request), destination, reliable=destination.reliable, now=now
         )
