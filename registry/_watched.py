@@ -7,6 +7,15 @@ away (etcd answers ``compact_revision``) it reads the whole range again and
 starts over.  While etcd
 is unreachable the cache keeps what it has, so readers go on answering from it.
 
+The cache is ready once the watch has caught up: etcd follows a watch whose start
+revision is behind its own ("unsynced": any write in the cluster between the read
+and the watch's creation, a membership record included) from a loop that runs
+every 100 ms, and meanwhile delivers nothing, so a worker that called itself
+ready after the read could answer 480 for a user registered through another
+worker in those 100 ms.  etcd answers a progress request only for a synced watch,
+with its current revision: the follower asks every PROGRESS_INTERVAL until the
+answer comes, and then the cache reflects that revision and is ready.
+
 Events of one etcd revision (one Txn) reach the cache in one watch response and
 are applied without yielding to the event loop in between, and the cache's
 revision moves once they all are, so a reader never sees half a transaction.
@@ -37,6 +46,8 @@ connection attempt, so once a second costs nothing."""
 LOAD_PAGE = 5_000
 """Keys per read of a full load (a binding is some 300 bytes)."""
 _LOAD_PAGE_TIMEOUT = 30.0
+PROGRESS_INTERVAL = 0.02
+"""Seconds between two progress requests of a watch that has not caught up."""
 
 
 class WatchedRange:
@@ -205,7 +216,7 @@ class WatchedRange:
         self._loaded = True
         self.reloads += 1
         self._set_revision(revision)
-        self.ready.set()
+        # Ready once the watch has caught up (_follow): the module docstring.
 
     async def _follow(self) -> None:
         # The watch stream is read straight from gRPC: aetcd's client.watch turns
@@ -218,6 +229,7 @@ class WatchedRange:
         delete = rpc.Event.DELETE
         apply_put = self._apply_put
         apply_delete = self._apply_delete
+        asker: asyncio.Task[None] | None = None
         try:
             await stream.write(
                 rpc.WatchRequest(
@@ -228,6 +240,8 @@ class WatchedRange:
                     )
                 )
             )
+            if not self.ready.is_set():
+                asker = asyncio.get_running_loop().create_task(self._ask_progress(stream))
             async for response in stream:
                 if response.compact_revision:
                     raise aetcd.exceptions.RevisionCompactedError(response.compact_revision)
@@ -236,7 +250,13 @@ class WatchedRange:
                     return
                 events = response.events
                 if not events:
-                    continue  # the watch's creation, or a progress notification
+                    if not response.created:
+                        # A progress notification: etcd sends it to a synced watch
+                        # only, after every event up to its revision.
+                        self._advance(response.header.revision)
+                        if not self.ready.is_set():
+                            self.ready.set()
+                    continue
                 # Whole revisions: applied together, then the revision moves once.
                 for event in events:
                     kv = event.kv
@@ -246,4 +266,14 @@ class WatchedRange:
                         apply_put(kv.key, kv.value, kv.mod_revision)
                 self._advance(events[-1].kv.mod_revision)
         finally:
+            if asker is not None:
+                asker.cancel()
             stream.cancel()
+
+    async def _ask_progress(self, stream: Any) -> None:
+        """Ask for a progress notification until the watch has caught up."""
+        request = rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
+        with contextlib.suppress(Exception):  # a broken stream ends _follow as well
+            while not self.ready.is_set():
+                await stream.write(request)
+                await asyncio.sleep(PROGRESS_INTERVAL)

@@ -32,6 +32,7 @@ from registry import (
     plan_change,
     remove_user,
 )
+from registry._watched import WatchedRange
 from sipcore import DigestAlgorithm, SipURI, compute_ha1, parse_name_addr, parse_uri
 from worker.transport import Peer
 
@@ -264,6 +265,32 @@ def test_cache_follows_writes_of_another_store(
         assert late.lookup(aor) == []
         for store in (reader, writer, late):
             await store.stop()
+
+    run(with_client(etcd_server, body, clients=2))
+
+
+def test_a_cache_is_ready_once_its_watch_caught_up(
+    etcd_server: LocalEtcd, key_layout: KeyLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write anywhere in etcd between the full read and the watch's creation
+    leaves the watch behind etcd, which then delivers nothing for up to 100 ms:
+    ``start`` returns only once a progress notification showed the watch caught
+    up, so the cache already reflects that write's revision."""
+
+    async def body(client: Any, other: Any) -> None:
+        load = WatchedRange._load
+        written: list[int] = []
+
+        async def load_then_write(self: WatchedRange) -> None:
+            await load(self)
+            put = await other.put(key_layout.prefix + b"elsewhere", b"x")
+            written.append(put.header.revision)
+
+        monkeypatch.setattr(WatchedRange, "_load", load_then_write)
+        store = LocationStore(client, key_layout)
+        await store.start()
+        assert store.revision >= written[0]
+        await store.stop()
 
     run(with_client(etcd_server, body, clients=2))
 
