@@ -56,7 +56,8 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import msgpack
 
@@ -170,6 +171,12 @@ class ConnectionClosed(NamedTuple):
         return [Kind.CONNECTION_CLOSED, *self]
 
 
+class _Scheduler(Protocol):
+    def call_soon(self, callback: Callable[[], object], /) -> object: ...
+
+    def call_later(self, delay: float, callback: Callable[[], object], /) -> object: ...
+
+
 class FramePacer:
     """When a process sends its gathered envelopes: at most one flush per
     ``interval`` seconds.
@@ -201,6 +208,15 @@ class FramePacer:
     def flushed(self, now: float) -> None:
         """Note a flush at ``now``."""
         self._last = now
+
+    def schedule(self, loop: _Scheduler, flush: Callable[[], object], now: float) -> None:
+        """Have ``loop`` (an asyncio event loop) call ``flush`` when the next flush
+        may go: at the end of this pass, or when the interval since the last ends."""
+        wait = self.wait(now)
+        if wait > 0:
+            loop.call_later(wait, flush)
+        else:
+            loop.call_soon(flush)
 
 
 _packer = msgpack.Packer(use_bin_type=True)

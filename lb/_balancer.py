@@ -694,11 +694,7 @@ class LoadBalancer:
         if not self._batches:
             # The first message since the last flush (cluster.protocol.FramePacer).
             now = time.perf_counter()
-            wait = self.pacer.wait(now)
-            if wait > 0:
-                self._running_loop().call_later(wait, self._flush)
-            else:
-                self._running_loop().call_soon(self._flush)
+            self.pacer.schedule(self._running_loop(), self._flush, now)
             self._pass_started = now
         # Each frame opens with the time its first message arrived: the worker
         # measures its queueing delay with it (worker/overload.py).

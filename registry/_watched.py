@@ -63,7 +63,8 @@ class WatchedRange:
         self._range_end = end
         self._name = name
         self.ready = asyncio.Event()
-        """Set once the first full read is in the cache."""
+        """Set once the first full read is in the cache and the watch has caught up
+        with etcd (module docstring)."""
         self.revision = 0
         """The etcd revision the cache reflects: the last one read or watched."""
         self.reloads = 0
@@ -75,11 +76,11 @@ class WatchedRange:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, timeout: float | None = 10.0) -> None:
-        """Start following the range and wait until the first full read is done.
+        """Start following the range and wait until the cache is ready (``ready``).
 
         Called again after ``stop``, it resumes the watch from the last revision
         seen (a full read only if that revision was compacted).  Raises
-        StoreUnavailableError when the first read does not complete within ``timeout``
+        StoreUnavailableError when the cache is not ready within ``timeout``
         seconds (the follower is stopped again).
         """
         if self._task is None or self._task.done():

@@ -36,7 +36,15 @@ from cluster.config import HostPort, Listen, Settings
 from cluster.etcd import LocalEtcd
 from cluster.keys import KeyLayout
 from cluster.membership import LBRecord, WorkerRecord, connect_etcd
-from cluster.protocol import Inbound, Kind, Outbound, inbound_from, pack_frame, unpack_frame
+from cluster.protocol import (
+    FramePacer,
+    Inbound,
+    Kind,
+    Outbound,
+    inbound_from,
+    pack_frame,
+    unpack_frame,
+)
 from cluster.ring import Ring, make_branch_prefix
 from lb import LoadBalancer
 
@@ -869,14 +877,12 @@ def test_frames_are_paced_by_the_flush_delay(
     async def scenario() -> None:
         async with cluster(etcd_server, key_layout) as state:
             worker = await state.add_worker("wa")
-            lb = await state.start_lb(
-                lb_settings(etcd_server, key_layout, tmp_path), flush_delay=delay
-            )
+            lb = await state.start_lb(lb_settings(etcd_server, key_layout, tmp_path))
             client = await UdpClient.open()
             await warm_up(lb, client, (worker,), state.port())
             loop = asyncio.get_running_loop()
-            # The quiet spell itself: the interval since the warm-up's frames passes.
-            await asyncio.sleep(delay)
+            # A pacer that never flushed: as after a quiet spell.
+            lb.pacer = FramePacer(delay)
             while not worker.frames.empty():
                 worker.frames.get_nowait()
 

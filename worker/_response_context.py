@@ -199,25 +199,24 @@ class ResponseContext:
             return False
         return self.forking_stopped or not self.waves
 
-    def settle(self) -> bool:
+    def settle(self) -> None:
         """Drop what only the choice of a final response needs, once that choice is
         over: the final response went upstream and no branch waits for one (RFC 3261
         16.7 steps 4 to 6; a CANCEL goes only to a pending branch, 9.1).  The
         context itself stays until its transactions end, for the 2xx
         retransmissions of RFC 6026 and the ACKs and CANCELs that name it, some
         32 s for an INVITE: without its parsed requests a call keeps a fraction
-        of the memory.  Returns whether the context is settled."""
-        if self.request is None:
-            return True
-        if not self.final_sent or any(branch.pending for branch in self.branches):
-            return False
+        of the memory.  Does nothing before that, or once settled."""
+        if self.request is None or not self.final_sent:
+            return
+        if any(branch.pending for branch in self.branches):
+            return
         self.request = None
         self.plan = None
         self.responses.clear()
         self.waves.clear()
         for branch in self.branches:
             branch.request = None
-        return True
 
     @property
     def discardable(self) -> bool:

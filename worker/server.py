@@ -583,11 +583,7 @@ class Worker:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and (self._outgoing or self._to_workers):
             self._flush_scheduled = True
-            wait = self._pacer.wait(time.perf_counter())  # cluster.protocol.FramePacer
-            if wait > 0:
-                self._loop().call_later(wait, self._flush)
-            else:
-                self._loop().call_soon(self._flush)
+            self._pacer.schedule(self._loop(), self._flush, time.perf_counter())
 
     def _flush(self) -> None:
         self._flush_scheduled = False
