@@ -137,6 +137,7 @@ class Harness:
         authenticator: Authenticator | None = None,
         transaction_config: TransactionConfig | None = None,
         domain: str = DOMAIN,
+        flow_key: bytes | None = None,
         **config: object,
     ) -> None:
         self.now = 1000.0
@@ -153,6 +154,7 @@ class Harness:
             config=ProxyConfig(domains=frozenset({domain}), **config),  # type: ignore[arg-type]
             authenticator=authenticator,
             tokens=lambda: f"t{next(counter)}",
+            flow_key=flow_key,
         )
 
     def run(self) -> list[Sent]:
@@ -365,6 +367,34 @@ def test_in_dialog_requests_reach_nat_devices_through_their_flows() -> None:
     ).encode()
     sent = harness.receive(bye, BOB)
     assert only(requests(sent, "BYE")).destination == CALLER_NAT
+
+
+def test_a_flow_token_made_by_another_worker_is_followed() -> None:
+    # Workers share the flow key (worker/server.py): the worker that record-routed
+    # the INVITE is not necessarily the one that gets the ACK and the BYE.  The
+    # second request with the same token takes the flow the first one decoded.
+    key = b"k" * 16
+    private_bob = FakeBinding("sip:bob@192.168.1.20:5062", received=BOB)
+    first = Harness(bindings=bob_bindings(private_bob), flow_key=key)
+    invite = only(requests(first.receive(request_bytes(via_host="10.1.1.1"), CALLER_NAT), "INVITE"))
+    facing_callee, facing_caller = invite.request.get_all("Record-Route")
+    for other_key, expected in ((key, BOB), (b"x" * 16, None)):
+        other = Harness(flow_key=other_key)
+        for method in ("ACK", "BYE"):
+            data = request_bytes(
+                method,
+                "sip:bob@192.168.1.20:5062",
+                via_host="10.1.1.1",
+                branch=f"z9hG4bK{method}",
+                to_tag="bobtag",
+                cseq=2,
+                headers=[f"Route: {facing_caller}, {facing_callee}"],
+            )
+            sent = only(requests(other.receive(data, CALLER_NAT), method))
+            if expected is not None:
+                assert sent.destination == expected
+            else:  # another key: not our token, the Request-URI decides
+                assert (sent.destination.host, sent.destination.port) == ("192.168.1.20", 5062)
 
 
 def test_a_forged_flow_token_is_ignored() -> None:

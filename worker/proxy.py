@@ -273,6 +273,7 @@ _LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _COOKIE_DASH = "z9hG4bK-"  # every branch of make_branch_prefix starts so
 _DEFAULT_MAX_FORWARDS = 70  # RFC 3261 16.6 step 3
 _FLOW_PARAM = "flow"  # the Record-Route URI parameter carrying a flow token
+_FLOW_MEMO = 4096  # flow tokens remembered each way (made, and decoded)
 _TRANSPORT_LETTERS = {"udp": "u", "tcp": "t"}
 _LETTER_TRANSPORTS = {letter: name for name, letter in _TRANSPORT_LETTERS.items()}
 
@@ -429,6 +430,9 @@ class ProxyCore:
         self._tokens = tokens if tokens is not None else _random_tokens()
         self._flow_key = flow_key if flow_key is not None else secrets.token_bytes(16)
         self._flow_tokens: dict[Peer, str] = {}
+        # The reverse: tokens this worker made or verified, and the flow each names
+        # (the ACK and the BYE of a call carry the token its INVITE's Record-Route got).
+        self._flow_peers: dict[str, Peer] = {}
         self._contexts: dict[TransactionId, ResponseContext] = {}
         self._branches: dict[TransactionId, Branch] = {}
         self._cancels: set[TransactionId] = set()
@@ -856,10 +860,18 @@ class ProxyCore:
         token = self._flow_tokens.get(peer)
         if token is None:
             token = self._make_flow_token(peer)
-            if len(self._flow_tokens) >= 4096:  # bounded: peers come from the network
+            if len(self._flow_tokens) >= _FLOW_MEMO:  # bounded: peers come from the network
                 self._flow_tokens.clear()
             self._flow_tokens[peer] = token
+            self._remember_flow(token, peer)
         return token
+
+    def _remember_flow(self, token: str, peer: Peer) -> None:
+        # Only tokens with a valid keyed hash get here: nobody else can fill it.
+        peers = self._flow_peers
+        if len(peers) >= _FLOW_MEMO:
+            del peers[next(iter(peers))]  # the oldest entry
+        peers[token] = peer
 
     def _make_flow_token(self, peer: Peer) -> str:
         connection = "" if peer.connection_id is None else str(peer.connection_id)
@@ -880,6 +892,22 @@ class ProxyCore:
         token = last_own.param(_FLOW_PARAM)
         if not token:
             return None
+        peer = self._flow_peers.get(token)
+        if peer is None:
+            peer = self._decode_flow_token(token)
+            if peer is None:
+                return None
+            self._remember_flow(token, peer)
+        if (peer.transport, peer.host, peer.port) == (source.transport, source.host, source.port):
+            return None  # the request comes from that side: it goes the other way
+        socket = self._sockets.socket(peer.lb_id, peer.socket_id)
+        if socket is None or socket.transport != peer.transport:
+            return None
+        return _Hop(peer, socket)
+
+    def _decode_flow_token(self, token: str) -> Peer | None:
+        """The flow a token names, or None when it is not one of ours (its keyed
+        hash does not verify) or is malformed."""
         encoded, _, mac = token.rpartition(".")
         try:
             data = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
@@ -893,7 +921,7 @@ class ProxyCore:
             return None
         lb_id, socket_id, letter, host, port, connection = fields
         transport = _LETTER_TRANSPORTS.get(letter, letter)
-        peer = Peer(
+        return Peer(
             lb_id,
             int(socket_id),
             transport,
@@ -901,12 +929,6 @@ class ProxyCore:
             int(port),
             int(connection) if connection.isdigit() else None,
         )
-        if (peer.transport, peer.host, peer.port) == (source.transport, source.host, source.port):
-            return None  # the request comes from that side: it goes the other way
-        socket = self._sockets.socket(peer.lb_id, peer.socket_id)
-        if socket is None or socket.transport != peer.transport:
-            return None
-        return _Hop(peer, socket)
 
     # ------------------------------------------------------------------ 16.5
 
