@@ -9,10 +9,11 @@ are opaque hashable objects chosen by the caller.
 
 What each transaction does in each state is in the four tables of ``_state.py``;
 this module matches messages to transactions (RFC 3261 17.1.3, 17.2.3, 9.2),
-carries out the tables' actions and runs the timers on one heap for all the
-transactions, with lazy deletion: a cancelled or restarted timer leaves its heap
-entry behind, recognized as stale when it comes up (or dropped by an occasional
-compaction), so that starting and cancelling a timer costs O(log n) and O(1).
+carries out the tables' actions and runs the timers of all the transactions in
+buckets of a quarter of a second of deadlines: a bucket waits as a dict, from
+which a stopped timer is deleted, and becomes a heap when it is the earliest;
+there a stopped timer leaves its entry behind, recognized as stale when it comes
+up.  Starting and stopping a timer cost O(1), or O(log n) in the earliest bucket.
 
 Per message the work is a few dictionary look-ups: the match key, the transition
 table, the action handlers.  Every message the layer sends is serialized once;
@@ -387,10 +388,9 @@ class _Transaction:
         self.legacy = False  # matched by the RFC 2543 rules (RFC 3261 17.2.3)
         self.timer_c = False
         self.interval = 0.0  # the current interval of Timer A, E or G
-        # Each running timer and the sequence number of its live heap entry.
-        # Running timers by name (the Enum's value: a dict of str and int is
-        # ignored by the garbage collector, an Enum-keyed one is not).
-        self.timers: dict[str, int] = {}
+        # Each running timer's deadline, by name (the Enum's value: a dict of str
+        # and float is ignored by the garbage collector, an Enum-keyed one is not).
+        self.timers: dict[str, float] = {}
         # The (table, key) pairs under which the transaction can be matched.
         # (table index, key) pairs under which the transaction can be matched.
         self.keys: tuple[tuple[int, Any], ...] = ()
@@ -471,15 +471,21 @@ class TransactionLayer:
         )
         self._events: deque[Event] = deque()
         self._outgoing: list[OutgoingMessage] = []
-        # Timers: heaps of entries (deadline, sequence, transaction id, timer name),
-        # one per _BUCKET seconds of deadlines, and a heap of the bucket numbers.
-        # A stopped or restarted timer leaves its entry behind (stale: the
-        # transaction's sequence no longer matches); the entry is dropped when it
-        # reaches the top of its bucket, at its deadline at the latest.  Nothing
-        # ever rebuilds a whole heap: compacting one heap of every timer when it
-        # grew to twice the live ones stalled a worker for some 100 ms at 1,200
-        # calls/s (121,000 entries; docs/performance.md).
-        self._buckets: dict[int, list[tuple[float, int, TransactionId, str]]] = {}
+        # Timers: one bucket per _BUCKET seconds of deadlines, and a heap of the
+        # bucket numbers.  A bucket waits as a dict, (transaction id, timer name)
+        # -> (deadline, sequence), until it is the earliest one; then it becomes a
+        # heap of entries (deadline, sequence, transaction id, timer name).  A
+        # timer stopped or restarted while its bucket waits is deleted from the
+        # dict; in a heap it leaves its entry behind (stale: the transaction's
+        # deadline for that timer no longer matches), dropped when it reaches the
+        # top, at its deadline at the latest.  Most stopped timers are far ahead
+        # (Timers B, F: 32 s; Timer C: 3 minutes) and leave nothing: a call's
+        # stale entries no longer wait 32 s to 3 minutes among the live ones.
+        # Nothing ever rebuilds a whole heap: compacting one heap of every timer
+        # when it grew to twice the live ones stalled a worker for some 100 ms at
+        # 1,200 calls/s (121,000 entries; docs/performance.md).
+        self._waiting: dict[int, dict[tuple[TransactionId, str], tuple[float, int]]] = {}
+        self._heaps: dict[int, list[tuple[float, int, TransactionId, str]]] = {}
         self._bucket_order: list[int] = []
         self._sequence = itertools.count()
         self._identifiers = itertools.count(1)
@@ -774,33 +780,31 @@ class TransactionLayer:
 
     def get_timer(self) -> float | None:
         """Return the earliest deadline of all running timers, or None."""
-        buckets = self._buckets
         order = self._bucket_order
         transactions = self._transactions
         while order:
-            bucket = buckets[order[0]]
+            bucket = self._earliest_heap()
             while bucket:
-                _, sequence, identifier, name = bucket[0]
+                deadline, _, identifier, name = bucket[0]
                 transaction = transactions.get(identifier)
-                if transaction is not None and transaction.timers.get(name) == sequence:
-                    return bucket[0][0]
+                if transaction is not None and transaction.timers.get(name) == deadline:
+                    return deadline
                 heapq.heappop(bucket)  # stale: cancelled, restarted or terminated
-            del buckets[heapq.heappop(order)]
+            del self._heaps[heapq.heappop(order)]
         return None
 
     def handle_timer(self, now: float) -> None:
         """Fire every timer whose deadline is ``now`` or earlier, in deadline order."""
-        buckets = self._buckets
         order = self._bucket_order
         transactions = self._transactions
         while order:
-            bucket = buckets[order[0]]
+            bucket = self._earliest_heap()
             # A timer started by one that fires is due at ``now`` or later: in this
             # bucket or a later one, never an earlier one.
             while bucket and bucket[0][0] <= now:
-                _, sequence, identifier, name = heapq.heappop(bucket)
+                deadline, _, identifier, name = heapq.heappop(bucket)
                 transaction = transactions.get(identifier)
-                if transaction is None or transaction.timers.get(name) != sequence:
+                if transaction is None or transaction.timers.get(name) != deadline:
                     continue
                 del transaction.timers[name]
                 timer = _TIMERS_BY_NAME[name]
@@ -808,12 +812,29 @@ class TransactionLayer:
                 self._apply(transaction, machine_input, _Step(now, timer=timer))
             if bucket:
                 return
-            del buckets[heapq.heappop(order)]
+            del self._heaps[heapq.heappop(order)]
+
+    def _earliest_heap(self) -> list[tuple[float, int, TransactionId, str]]:
+        """The heap of the earliest bucket (``_bucket_order`` is not empty), made
+        from its dict when it was still waiting."""
+        number = self._bucket_order[0]
+        heap = self._heaps.get(number)
+        if heap is None:
+            waiting = self._waiting.pop(number)
+            heap = [
+                (deadline, sequence, identifier, name)
+                for (identifier, name), (deadline, sequence) in waiting.items()
+            ]
+            heapq.heapify(heap)
+            self._heaps[number] = heap
+        return heap
 
     @property
     def timer_entries(self) -> int:
         """The timer entries held, live and stale (for memory checks)."""
-        return sum(len(bucket) for bucket in self._buckets.values())
+        return sum(len(heap) for heap in self._heaps.values()) + sum(
+            len(bucket) for bucket in self._waiting.values()
+        )
 
     # ------------------------------------------------------------------ inspection
 
@@ -869,7 +890,7 @@ class TransactionLayer:
                 # Leaving a state cancels its timers (their heap entries go stale).
                 running = _RUNNING_TIMER_NAMES[next_state]
                 for stopped in [name for name in timers if name not in running]:
-                    del timers[stopped]
+                    self._forget_timer(transaction.identifier, stopped, timers.pop(stopped))
         immediate = self._run(transaction, actions, step)
         if next_state in _SETTLED_STATES:
             # A settled transaction needs only its keys and the bytes it re-sends:
@@ -900,7 +921,10 @@ class TransactionLayer:
             if table.get(key) is transaction:
                 del table[key]
         del self._transactions[transaction.identifier]
-        transaction.timers.clear()
+        timers = transaction.timers
+        for name, deadline in timers.items():
+            self._forget_timer(transaction.identifier, name, deadline)
+        timers.clear()
         self._events.append(TransactionTerminated(transaction_id=transaction.identifier))
 
     def _start_timer(
@@ -911,18 +935,32 @@ class TransactionLayer:
         if delay <= 0:
             fired: Enum = transaction.kind.machine.timer_inputs[timer]
             return fired
-        sequence = next(self._sequence)
-        transaction.timers[timer.value] = sequence
+        name = timer.value
+        identifier = transaction.identifier
+        timers = transaction.timers
+        previous = timers.get(name)
+        if previous is not None:
+            self._forget_timer(identifier, name, previous)  # a restart
         deadline = now + delay
-        entry = (deadline, sequence, transaction.identifier, timer.value)
+        timers[name] = deadline
         number = int(deadline // _BUCKET)
-        bucket = self._buckets.get(number)
-        if bucket is None:
-            self._buckets[number] = [entry]
+        heap = self._heaps.get(number)
+        if heap is not None:
+            heapq.heappush(heap, (deadline, next(self._sequence), identifier, name))
+            return None
+        waiting = self._waiting.get(number)
+        if waiting is None:
+            waiting = self._waiting[number] = {}
             heapq.heappush(self._bucket_order, number)
-        else:
-            heapq.heappush(bucket, entry)
+        waiting[identifier, name] = (deadline, next(self._sequence))
         return None
+
+    def _forget_timer(self, identifier: TransactionId, name: str, deadline: float) -> None:
+        """Delete a stopped timer's entry if its bucket still waits as a dict (in
+        a heap the entry stays, stale)."""
+        waiting = self._waiting.get(int(deadline // _BUCKET))
+        if waiting is not None:
+            waiting.pop((identifier, name), None)
 
     # ------------------------------------------------------------- action handlers
     # One per Action (see ``_state.Action``); each returns the input of a timer that

@@ -933,6 +933,28 @@ def test_timers_fire_in_deadline_order() -> None:
     ]
 
 
+def test_a_stopped_timer_leaves_an_entry_only_in_the_earliest_bucket() -> None:
+    layer = TransactionLayer()
+    invite = build_request(branch="z9hG4bKstop")
+    layer.send_request(invite, SERVER, reliable=False, now=0.0, timer_c=True)
+    assert layer.timer_entries == 3  # Timers A (0.5 s), B (32 s) and C (180 s)
+    assert layer.get_timer() == 0.5  # Timer A's bucket is now the earliest: a heap
+    # RFC 3261 17.1.1.2: a provisional stops Timers A and B; 16.7 step 2: it
+    # restarts Timer C.  B's and C's buckets still wait: nothing is left of them.
+    layer.receive_response(response_to(invite, 180), SERVER, now=0.1)
+    assert layer.timer_entries == 2  # Timer A's entry (stale, in its heap), Timer C
+    assert layer.get_timer() == 180.1  # the stale entry is dropped on the way
+    assert layer.timer_entries == 1
+    layer.receive_response(response_to(invite, 180), SERVER, now=60.0)
+    assert layer.get_timer() == 240.0
+    assert layer.timer_entries == 1
+    events(layer)  # the two 180s
+    assert run_timers(layer, until=239.9) == []
+    ((when, _, fired),) = run_timers(layer, until=240.0)
+    assert when == 240.0
+    assert [type(event) for event in fired] == [TimerCFired]
+
+
 def test_terminated_transactions_are_removed_and_memory_stays_bounded() -> None:
     layer = TransactionLayer()
     for number in range(3000):
@@ -944,19 +966,17 @@ def test_terminated_transactions_are_removed_and_memory_stays_bounded() -> None:
         )
         invite = build_request(branch=f"z9hG4bKi{number}", call_id=f"i{number}")
         client = layer.send_request(invite, SERVER, reliable=False, now=number * 0.001)
-        # A provisional cancels Timers A and B: their heap entries go stale.
+        # A provisional stops Timers A and B: their buckets still wait, so their
+        # entries go at once.
         layer.receive_response(response_to(invite, 180), SERVER, now=number * 0.001)
         layer.abandon_transaction(client, now=number * 0.001)
     layer.messages_to_send()
     events(layer)
     assert layer.transaction_count == 3000  # the server transactions wait for Timer J
-    # Timer J of each server transaction (live), and Timers A and B of each
-    # abandoned INVITE (stale): a stale entry stays until its deadline.
-    assert layer.timer_entries == 3 * 3000
-    # At 33 s every Timer A (0.5 s) has passed, and a third of Timers B and J
-    # (32 s after 0 to 3 s): their entries are gone, stale or fired.
+    assert layer.timer_entries == 3000  # Timer J of each server transaction
+    # At 33 s a third of Timers J (32 s after 0 to 3 s) have fired.
     run_timers(layer, until=33.0)
-    assert layer.timer_entries == 2 * layer.transaction_count
+    assert layer.timer_entries == layer.transaction_count
     assert layer.transaction_count < 2100
     run_timers(layer, until=1000.0)
     assert layer.timer_entries == 0
