@@ -391,8 +391,7 @@ class _Transaction:
         # Each running timer's deadline, by name (the Enum's value: a dict of str
         # and float is ignored by the garbage collector, an Enum-keyed one is not).
         self.timers: dict[str, float] = {}
-        # The (table, key) pairs under which the transaction can be matched.
-        # (table index, key) pairs under which the transaction can be matched.
+        # The (table index, key) pairs under which the transaction can be matched.
         self.keys: tuple[tuple[int, Any], ...] = ()
 
 
@@ -887,7 +886,8 @@ class TransactionLayer:
             transaction.state = next_state
             timers = transaction.timers
             if timers:
-                # Leaving a state cancels its timers (their heap entries go stale).
+                # Leaving a state stops its timers (their entries are deleted, or go
+                # stale in the earliest bucket).
                 running = _RUNNING_TIMER_NAMES[next_state]
                 for stopped in [name for name in timers if name not in running]:
                     self._forget_timer(transaction.identifier, stopped, timers.pop(stopped))
