@@ -332,6 +332,20 @@ def test_one_record_route_when_the_caller_is_reached_at_its_via_address() -> Non
     assert only(requests(sent, "INVITE")).request.get_all("Record-Route") == [RECORD_ROUTE]
 
 
+def caller_in_dialog(method: str, facing_caller: str, facing_callee: str) -> bytes:
+    """The NAT'ed caller's ACK or BYE to bob's private contact: route set = the
+    INVITE's Record-Route reversed (RFC 3261 12.1.2)."""
+    return request_bytes(
+        method,
+        "sip:bob@192.168.1.20:5062",
+        via_host="10.1.1.1",
+        branch=f"z9hG4bK{method}",
+        to_tag="bobtag",
+        cseq=2,
+        headers=[f"Route: {facing_caller}, {facing_callee}"],
+    )
+
+
 def test_in_dialog_requests_reach_nat_devices_through_their_flows() -> None:
     private_bob = FakeBinding("sip:bob@192.168.1.20:5062", received=BOB)
     harness = Harness(bindings=bob_bindings(private_bob))
@@ -339,17 +353,8 @@ def test_in_dialog_requests_reach_nat_devices_through_their_flows() -> None:
     invite = only(requests(sent, "INVITE")).request
     facing_callee, facing_caller = invite.get_all("Record-Route")
     harness.receive(answer(invite, 200), BOB)
-    # The caller's ACK and BYE: route set = Record-Route reversed (RFC 3261 12.1.2).
     for method in ("ACK", "BYE"):
-        data = request_bytes(
-            method,
-            "sip:bob@192.168.1.20:5062",
-            via_host="10.1.1.1",
-            branch=f"z9hG4bK{method}",
-            to_tag="bobtag",
-            cseq=2,
-            headers=[f"Route: {facing_caller}, {facing_callee}"],
-        )
+        data = caller_in_dialog(method, facing_caller, facing_callee)
         sent = harness.receive(data, CALLER_NAT)
         assert only(requests(sent, method)).destination == BOB
     # The callee's BYE: route set = Record-Route in order; the caller's contact is a
@@ -381,15 +386,7 @@ def test_a_flow_token_made_by_another_worker_is_followed() -> None:
     for other_key, expected in ((key, BOB), (b"x" * 16, None)):
         other = Harness(flow_key=other_key)
         for method in ("ACK", "BYE"):
-            data = request_bytes(
-                method,
-                "sip:bob@192.168.1.20:5062",
-                via_host="10.1.1.1",
-                branch=f"z9hG4bK{method}",
-                to_tag="bobtag",
-                cseq=2,
-                headers=[f"Route: {facing_caller}, {facing_callee}"],
-            )
+            data = caller_in_dialog(method, facing_caller, facing_callee)
             sent = only(requests(other.receive(data, CALLER_NAT), method))
             if expected is not None:
                 assert sent.destination == expected
