@@ -394,6 +394,19 @@ def test_a_flow_token_made_by_another_worker_is_followed() -> None:
                 assert (sent.destination.host, sent.destination.port) == ("192.168.1.20", 5062)
 
 
+def test_the_flows_remembered_are_bounded_and_the_oldest_go_first() -> None:
+    # Flows come from the network: the memo of tokens keeps the newest 4,096.
+    proxy = Harness().proxy
+    tokens = [
+        proxy._flow_token(Peer("lb1", 0, "udp", f"198.51.{n // 256}.{n % 256}", 5060))
+        for n in range(4100)
+    ]
+    assert len(proxy._flow_peers) == 4096
+    assert tokens[0] not in proxy._flow_peers
+    assert tokens[4] in proxy._flow_peers
+    assert proxy._flow_peers[tokens[-1]].host == "198.51.16.3"
+
+
 def test_a_forged_flow_token_is_ignored() -> None:
     harness = Harness()
     forged = f"<sip:{PUBLIC}:5060;lr;flow=bGIxfjB-dX4xOTguNTEuMTAwLjk5fjUwNjB-.000000000000>"

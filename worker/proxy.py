@@ -73,6 +73,7 @@ import hmac
 import ipaddress
 import itertools
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -432,7 +433,7 @@ class ProxyCore:
         self._flow_tokens: dict[Peer, str] = {}
         # The reverse: tokens this worker made or verified, and the flow each names
         # (the ACK and the BYE of a call carry the token its INVITE's Record-Route got).
-        self._flow_peers: dict[str, Peer] = {}
+        self._flow_peers: OrderedDict[str, Peer] = OrderedDict()
         self._contexts: dict[TransactionId, ResponseContext] = {}
         self._branches: dict[TransactionId, Branch] = {}
         self._cancels: set[TransactionId] = set()
@@ -870,7 +871,7 @@ class ProxyCore:
         # Only tokens with a valid keyed hash get here: nobody else can fill it.
         peers = self._flow_peers
         if len(peers) >= _FLOW_MEMO:
-            del peers[next(iter(peers))]  # the oldest entry
+            peers.popitem(last=False)  # the oldest entry, in O(1)
         peers[token] = peer
 
     def _make_flow_token(self, peer: Peer) -> str:
