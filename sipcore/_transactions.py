@@ -472,8 +472,9 @@ class TransactionLayer:
         self._outgoing: list[OutgoingMessage] = []
         # Timers: one bucket per _BUCKET seconds of deadlines, and a heap of the
         # bucket numbers.  A bucket waits as a dict, (transaction id, timer name)
-        # -> (deadline, sequence), until it is the earliest one; then it becomes a
-        # heap of entries (deadline, sequence, transaction id, timer name).  A
+        # -> deadline, in the order the timers started, until it is the earliest
+        # one; then it becomes a heap of entries (deadline, sequence, transaction
+        # id, timer name), the sequence keeping equal deadlines in that order.  A
         # timer stopped or restarted while its bucket waits is deleted from the
         # dict; in a heap it leaves its entry behind (stale: the transaction's
         # deadline for that timer no longer matches), dropped when it reaches the
@@ -483,7 +484,7 @@ class TransactionLayer:
         # Nothing ever rebuilds a whole heap: compacting one heap of every timer
         # when it grew to twice the live ones stalled a worker for some 100 ms at
         # 1,200 calls/s (121,000 entries; docs/performance.md).
-        self._waiting: dict[int, dict[tuple[TransactionId, str], tuple[float, int]]] = {}
+        self._waiting: dict[int, dict[tuple[TransactionId, str], float]] = {}
         self._heaps: dict[int, list[tuple[float, int, TransactionId, str]]] = {}
         self._bucket_order: list[int] = []
         self._sequence = itertools.count()
@@ -820,9 +821,10 @@ class TransactionLayer:
         heap = self._heaps.get(number)
         if heap is None:
             waiting = self._waiting.pop(number)
+            sequence = self._sequence
             heap = [
-                (deadline, sequence, identifier, name)
-                for (identifier, name), (deadline, sequence) in waiting.items()
+                (deadline, next(sequence), identifier, name)
+                for (identifier, name), deadline in waiting.items()
             ]
             heapq.heapify(heap)
             self._heaps[number] = heap
@@ -952,7 +954,7 @@ class TransactionLayer:
         if waiting is None:
             waiting = self._waiting[number] = {}
             heapq.heappush(self._bucket_order, number)
-        waiting[identifier, name] = (deadline, next(self._sequence))
+        waiting[identifier, name] = deadline
         return None
 
     def _forget_timer(self, identifier: TransactionId, name: str, deadline: float) -> None:
