@@ -72,6 +72,12 @@ class WatchedRange:
         self._loaded = False
         self._task: asyncio.Task[None] | None = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._stream: Any = None
+        # sync(): futures resolved by the progress notification answering the
+        # request in flight, and those registered after it was sent (they need
+        # a request of their own).
+        self._synced_by_flight: list[asyncio.Future[None]] = []
+        self._synced_by_next: list[asyncio.Future[None]] = []
 
     # ------------------------------------------------------------ lifecycle
 
@@ -111,6 +117,44 @@ class WatchedRange:
             await asyncio.wait([task], timeout=0.5)
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+    async def sync(self, timeout: float) -> bool:
+        """Wait until the cache reflects every write etcd committed before this
+        call (read-your-writes across processes: a binding another worker has
+        just written and acknowledged).  Returns False when that could not be
+        known within ``timeout`` (no watch, or a watch that has not caught up:
+        etcd answers a progress request only for a synced one).
+
+        One progress request serves every caller that arrived before it was
+        sent; callers arriving later wait for the next one.
+        """
+        stream = self._stream
+        if stream is None:
+            return False
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._synced_by_flight:
+            self._synced_by_next.append(future)
+        else:
+            self._synced_by_flight.append(future)
+            await self._ask_progress_once(stream)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _ask_progress_once(self, stream: Any) -> None:
+        with contextlib.suppress(Exception):  # a broken stream: sync times out
+            await stream.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+
+    def _progress_arrived(self) -> None:
+        for future in self._synced_by_flight:
+            if not future.done():
+                future.set_result(None)
+        self._synced_by_flight = self._synced_by_next
+        self._synced_by_next = []
+        if self._synced_by_flight and self._stream is not None:
+            asyncio.get_running_loop().create_task(self._ask_progress_once(self._stream))
 
     async def wait_for_revision(self, revision: int, timeout: float | None = None) -> None:
         """Wait until the cache reflects etcd revision ``revision`` (or later).
@@ -227,6 +271,7 @@ class WatchedRange:
         client = self.client
         await client.connect()
         stream = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
+        self._stream = stream
         delete = rpc.Event.DELETE
         apply_put = self._apply_put
         apply_delete = self._apply_delete
@@ -257,6 +302,7 @@ class WatchedRange:
                         self._advance(response.header.revision)
                         if not self.ready.is_set():
                             self.ready.set()
+                        self._progress_arrived()
                     continue
                 # Whole revisions: applied together, then the revision moves once.
                 for event in events:
@@ -269,6 +315,10 @@ class WatchedRange:
         finally:
             if asker is not None:
                 asker.cancel()
+            self._stream = None
+            # A new stream: whoever waited asks again through it (or times out).
+            self._synced_by_next = self._synced_by_flight + self._synced_by_next
+            self._synced_by_flight = []
             stream.cancel()
 
     async def _ask_progress(self, stream: Any) -> None:

@@ -407,6 +407,28 @@ def test_the_flows_remembered_are_bounded_and_the_oldest_go_first() -> None:
     assert proxy._flow_peers[tokens[-1]].host == "198.51.16.3"
 
 
+def test_unbound_user_names_initial_requests_for_our_users_without_binding() -> None:
+    # What a worker checks against etcd before the proxy answers 404 or 480: the
+    # user may have just registered through another worker (worker/server.py).
+    harness = Harness(bindings=bob_bindings(BOB_BINDING))
+    proxy = harness.proxy
+
+    def unbound(data: bytes) -> str | None:
+        request = parse_message(data)
+        assert isinstance(request, Request)
+        return proxy.unbound_user(request)
+
+    carol = "sip:carol@example.com"
+    assert unbound(request_bytes("INVITE", carol, to_uri=carol)) == "carol@example.com"
+    assert unbound(request_bytes("MESSAGE", carol, to_uri=carol)) == "carol@example.com"
+    assert unbound(request_bytes("INVITE")) is None  # bob has a binding
+    assert unbound(request_bytes("INVITE", carol, to_uri=carol, to_tag="t")) is None  # dialog
+    assert unbound(request_bytes("REGISTER", "sip:example.com", to_uri=carol)) is None
+    foreign = "sip:dave@elsewhere.example.org"
+    assert unbound(request_bytes("INVITE", foreign, to_uri=foreign)) is None
+    assert unbound(request_bytes("INVITE", "sip:example.com", to_uri=carol)) is None  # no user
+
+
 def test_a_forged_flow_token_is_ignored() -> None:
     harness = Harness()
     forged = f"<sip:{PUBLIC}:5060;lr;flow=bGIxfjB-dX4xOTguNTEuMTAwLjk5fjUwNjB-.000000000000>"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -293,6 +294,66 @@ def test_a_cache_is_ready_once_its_watch_caught_up(
         await store.stop()
 
     run(with_client(etcd_server, body, clients=2))
+
+
+def test_sync_shows_what_another_worker_has_just_written(
+    etcd_server: LocalEtcd, key_layout: KeyLayout
+) -> None:
+    """Read-your-writes across workers: a binding committed by another worker and
+    acknowledged (its REGISTER's 200 went out) is in this store's cache once
+    ``sync`` returns, though its watch event had not been applied when ``sync``
+    was called: the caller's INVITE that follows must find it
+    (worker/server.py).  The other worker is a store on its own event loop in a
+    thread; this loop waits for each of its commits without running, so the
+    watch event is at most in a buffer when ``sync`` starts."""
+    other_loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=other_loop.run_forever, daemon=True)
+    thread.start()
+
+    def on_other(coroutine: Coroutine[Any, Any, T]) -> T:
+        # Blocks this loop on purpose: nothing here runs until the commit is done.
+        return asyncio.run_coroutine_threadsafe(coroutine, other_loop).result(10)
+
+    async def start_writer() -> tuple[Any, LocationStore]:
+        client = await connect_etcd(etcd_server.url)
+        store = LocationStore(client, key_layout, clock=clock)
+        await store.start()
+        return client, store
+
+    async def stop_writer(client: Any, store: LocationStore) -> None:
+        await store.stop()
+        await client.close()
+
+    async def body(client: Any) -> None:
+        reader = LocationStore(client, key_layout, clock=clock)
+        assert await reader.sync(0.1) is False  # no watch yet: nothing to wait for
+        await reader.start()
+        writer_client, writer = on_other(start_writer())
+        try:
+            for number in range(10):
+                aor = f"user{number}@example.com"
+                binding = make_binding(aor, f"sip:u{number}@192.0.2.40", clock.now + 600)
+                on_other(writer.commit(replace_all(writer, aor, [binding])))
+                assert reader.lookup(aor) == []  # the event is not applied yet
+                assert await reader.sync(2.0) is True
+                assert reader.lookup(aor) == [binding]
+            # Callers arriving while a sync is in flight all get through.
+            aor = "many@example.com"
+            binding = make_binding(aor, "sip:many@192.0.2.41", clock.now + 600)
+            on_other(writer.commit(replace_all(writer, aor, [binding])))
+            assert await asyncio.gather(*(reader.sync(2.0) for _ in range(5))) == [True] * 5
+            assert reader.lookup(aor) == [binding]
+        finally:
+            on_other(stop_writer(writer_client, writer))
+            await reader.stop()
+
+    clock = Clock()
+    try:
+        run(with_client(etcd_server, body))
+    finally:
+        other_loop.call_soon_threadsafe(other_loop.stop)
+        thread.join(5)
+        other_loop.close()
 
 
 def test_expired_bindings_are_hidden(etcd_server: LocalEtcd, key_layout: KeyLayout) -> None:

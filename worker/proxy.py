@@ -493,6 +493,28 @@ class ProxyCore:
 
     # ------------------------------------------------------------------ requests
 
+    def unbound_user(self, request: Request) -> str | None:
+        """The address of record an initial request is for, when it is one of our
+        users and the location cache holds no binding for it; None otherwise.
+
+        The cache follows etcd a few milliseconds behind: a device that has just
+        registered through another worker may be missing here.  A worker asks
+        this before ``handle_event``, and when it gets an answer it makes sure its
+        cache has caught up with etcd first (``LocationStore.sync``), so that a
+        registered device is not answered 404 or 480 (RFC 3261 16.5: the
+        location service's bindings at the time of the request).
+        """
+        try:
+            if request.method in ("ACK", "CANCEL", "REGISTER") or request.to.tag is not None:
+                return None
+            uri = request.uri
+        except MessageError:
+            return None
+        if not isinstance(uri, SipURI) or uri.user is None or not self._names_us(uri):
+            return None
+        aor = address_of_record(uri)
+        return None if self._locator.lookup(aor) else aor
+
     def handle_request(self, event: RequestReceived, now: float) -> None:
         """Process a new request (not ACK, not CANCEL, not REGISTER): answer it or
         forward it (RFC 3261 16.3 to 16.6).  A header it needs that is malformed is

@@ -106,6 +106,9 @@ GC_THRESHOLDS = (2_000, 20, 100)
 GC_FREEZE_SECONDS = 0.5
 GC_SWEEP_SECONDS = 600.0
 _HOLD_LIMIT = 10_000
+# How long a request for a user with no binding in the cache waits for the cache
+# to catch up with etcd (LocationStore.sync) before the proxy answers it anyway.
+_SYNC_TIMEOUT = 0.5
 # Retry-After of an overload 503 toward a user agent: 2 s plus up to 8 s of jitter.
 _RETRY_AFTER = (2, 9)
 # A drained worker stays this long without a transaction before it leaves: every
@@ -173,6 +176,10 @@ class Worker:
         self._push: dict[str, tuple[str, zmq.Socket[bytes]]] = {}
         self._stopped = asyncio.Event()
         self._held: dict[str, list[list[Any]]] = {}
+        # Requests for users the location cache has no binding for, waiting for it
+        # to catch up with etcd (ProxyCore.unbound_user), and the task doing so.
+        self._unbound: list[RequestReceived] = []
+        self._sync_task: asyncio.Task[None] | None = None
         self._held_since: dict[str, float] = {}
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         # Transaction and handoff timers run on the monotonic clock; bindings'
@@ -514,6 +521,9 @@ class Worker:
             if event.request.method == "REGISTER" and self.registrar.serves(event.request):
                 self._register(event)
                 return
+            if self.proxy.unbound_user(event.request) is not None:
+                self._route_once_synced(event)
+                return
         elif isinstance(event, TransactionTerminated):
             call_id_ended = self._transaction_calls.pop(event.transaction_id, None)
             if call_id_ended is not None:
@@ -522,6 +532,30 @@ class Worker:
                     worker, call_id = released
                     self._send_to_worker(worker, [Kind.RELEASES, self.id, [call_id]])
         self.proxy.handle_event(event, now)
+
+    def _route_once_synced(self, event: RequestReceived) -> None:
+        """Hand a request for a user without binding to the proxy once the location
+        cache has caught up with etcd: the user may have just registered through
+        another worker (read-your-writes; ``ProxyCore.unbound_user``).  One sync
+        serves every request that arrived before it started."""
+        self._unbound.append(event)
+        if self._sync_task is None:
+            self._sync_task = self._loop().create_task(self._sync_then_route())
+
+    async def _sync_then_route(self) -> None:
+        try:
+            while self._unbound:
+                waiting, self._unbound = self._unbound, []
+                await self.locations.sync(_SYNC_TIMEOUT)
+                now = self.clock()
+                for event in waiting:
+                    try:
+                        self.proxy.handle_event(event, now)
+                    except Exception:
+                        log.exception("failed to route a request")
+                self._after_work()
+        finally:
+            self._sync_task = None
 
     def _refuse(self, event: RequestReceived) -> bool:
         """Overload control (worker/overload.py): refuse a share of the requests
@@ -796,6 +830,8 @@ class Worker:
             sock.close(linger=0)
         with contextlib.suppress(Exception):
             await self.http.stop()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
         with contextlib.suppress(Exception):
             await self.locations.stop()
         with contextlib.suppress(Exception):
