@@ -78,6 +78,9 @@ class WatchedRange:
         # a request of their own).
         self._synced_by_flight: list[asyncio.Future[None]] = []
         self._synced_by_next: list[asyncio.Future[None]] = []
+        self._flight_expires = 0.0  # when the request in flight counts as lost
+        self._sync_timeout = 0.0
+        self._askers: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -126,16 +129,24 @@ class WatchedRange:
         etcd answers a progress request only for a synced one).
 
         One progress request serves every caller that arrived before it was
-        sent; callers arriving later wait for the next one.
+        sent; callers arriving later wait for the next one.  A request left
+        unanswered for ``timeout`` is given up, and the next caller asks again.
         """
         stream = self._stream
         if stream is None:
             return False
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._sync_timeout = timeout
+        if self._synced_by_flight and loop.time() >= self._flight_expires:
+            self._synced_by_flight = []  # unanswered: its callers have given up
         if self._synced_by_flight:
             self._synced_by_next.append(future)
         else:
-            self._synced_by_flight.append(future)
+            # Everyone waiting arrived before this request: it serves them all.
+            self._synced_by_flight = [*self._synced_by_next, future]
+            self._synced_by_next = []
+            self._flight_expires = loop.time() + timeout
             await self._ask_progress_once(stream)
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout)
@@ -154,7 +165,11 @@ class WatchedRange:
         self._synced_by_flight = self._synced_by_next
         self._synced_by_next = []
         if self._synced_by_flight and self._stream is not None:
-            asyncio.get_running_loop().create_task(self._ask_progress_once(self._stream))
+            loop = asyncio.get_running_loop()
+            self._flight_expires = loop.time() + self._sync_timeout
+            task = loop.create_task(self._ask_progress_once(self._stream))
+            self._askers.add(task)
+            task.add_done_callback(self._askers.discard)
 
     async def wait_for_revision(self, revision: int, timeout: float | None = None) -> None:
         """Wait until the cache reflects etcd revision ``revision`` (or later).

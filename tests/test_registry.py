@@ -356,6 +356,33 @@ def test_sync_shows_what_another_worker_has_just_written(
         other_loop.close()
 
 
+def test_a_sync_whose_request_went_unanswered_is_asked_again(
+    etcd_server: LocalEtcd, key_layout: KeyLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd ignores a progress request while a watch has not caught up: that sync
+    gives up at its timeout, and the next one sends a request of its own instead
+    of waiting behind the lost one for ever."""
+
+    async def body(client: Any) -> None:
+        store = LocationStore(client, key_layout)
+        await store.start()
+        ask = WatchedRange._ask_progress_once
+        asked: list[bool] = []
+
+        async def lose_the_first(self: WatchedRange, stream: Any) -> None:
+            asked.append(True)
+            if len(asked) > 1:
+                await ask(self, stream)
+
+        monkeypatch.setattr(WatchedRange, "_ask_progress_once", lose_the_first)
+        assert await store.sync(0.2) is False
+        assert await store.sync(2.0) is True
+        assert len(asked) == 2
+        await store.stop()
+
+    run(with_client(etcd_server, body))
+
+
 def test_expired_bindings_are_hidden(etcd_server: LocalEtcd, key_layout: KeyLayout) -> None:
     async def body(client: Any) -> None:
         clock = Clock()
