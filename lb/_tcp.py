@@ -51,6 +51,7 @@ WRITE_BUFFER_LIMIT = 1024 * 1024
 """Above this many unsent bytes the connection is closed."""
 
 _PONG = b"\r\n"
+_UNANSWERED_KEPT = 16  # messages remembered per connection until the peer answers
 
 
 class ConnectionOwner(Protocol):
@@ -105,6 +106,11 @@ class TcpConnection(asyncio.Protocol):
         self._framer = StreamFramer(max_header_size=MAX_HEADER_SIZE, max_body_size=MAX_BODY_SIZE)
         self._pending: list[bytes] = []  # written while connecting
         self._pending_size = 0
+        # Messages written since the peer last sent a byte (the newest
+        # _UNANSWERED_KEPT): when the peer closes or resets the connection before
+        # answering, they may never have been read, and go back to their workers.
+        self._unanswered: list[bytes] = []
+        self._closed_here = False
         self._reading_stopped = False
         self._reading_held = False
         self._writing_paused = False
@@ -133,6 +139,8 @@ class TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Frame the bytes; forward messages, answer pings, fail on broken framing."""
         self.last_activity = time.monotonic()
+        if self._unanswered:
+            self._unanswered.clear()  # the peer is there and reading
         framer = self._framer
         try:
             framer.receive_data(data)
@@ -163,9 +171,14 @@ class TcpConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Tell the owner the connection is gone."""
+        """Tell the owner the connection is gone, and which messages written to it
+        the peer may never have read (RFC 3261 18.4: the transport error reaches
+        the client transaction now, not after Timer B)."""
         if not self.closed:
             self.closed = True
+            unanswered, self._unanswered = self._unanswered, []
+            if unanswered and not self._closed_here:
+                self._owner.messages_not_sent(self, unanswered)
             self._owner.connection_closed(self)
 
     def pause_writing(self) -> None:
@@ -210,6 +223,11 @@ class TcpConnection(asyncio.Protocol):
         if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self._overflow()
             return False
+        if data is not _PONG:
+            unanswered = self._unanswered
+            if len(unanswered) >= _UNANSWERED_KEPT:
+                del unanswered[0]
+            unanswered.append(data)
         return True
 
     def hold_reading(self) -> None:
@@ -233,6 +251,7 @@ class TcpConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close at once, dropping what is buffered."""
+        self._closed_here = True
         if self.transport is not None:
             self.transport.abort()
         else:
@@ -240,6 +259,7 @@ class TcpConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after flushing what is buffered."""
+        self._closed_here = True
         if self.transport is not None:
             self.transport.close()
         else:

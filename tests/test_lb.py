@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 import uuid
@@ -642,6 +643,64 @@ def test_tcp_to_a_new_destination_opens_a_connection_from_the_listen_host(
             assert isinstance(inbound.connection_id, int)
 
             writer.close()
+            server.close()
+            await server.wait_closed()
+            udp.close()
+
+    run(scenario)
+
+
+def test_a_request_a_tcp_peer_never_answered_goes_back_when_it_resets(
+    etcd_server: LocalEtcd, key_layout: KeyLayout, tmp_path: Path
+) -> None:
+    """The peer reads our INVITE and resets the connection without a byte back
+    (a phone that went away): the request goes back to the worker named in its
+    branch as not sent, so that its client transaction fails now (RFC 3261 18.4)
+    instead of after Timer B."""
+
+    async def scenario() -> None:
+        async with cluster(etcd_server, key_layout) as state:
+            worker = await state.add_worker("wa")
+            settings = lb_settings(
+                etcd_server, key_layout, tmp_path, "udp:127.0.0.1:0", "tcp:127.0.0.1:0"
+            )
+            lb = await state.start_lb(settings)
+            udp = await UdpClient.open()
+            await warm_up(lb, udp, (worker,), state.port(0))
+            while not worker.frames.empty():
+                worker.frames.get_nowait()
+
+            invite = request(
+                "gone-1@test",
+                method="INVITE",
+                transport="TCP",
+                branch=make_branch_prefix("wa") + "1",
+            )
+            read: asyncio.Queue[bytes] = asyncio.Queue()
+
+            async def read_then_reset(
+                reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+            ) -> None:
+                await read.put(await reader.readexactly(len(invite)))
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+
+            server = await asyncio.start_server(read_then_reset, "127.0.0.1", 0)
+            server_port = server.sockets[0].getsockname()[1]
+            await worker.send(
+                lb.id, Outbound(1, "tcp", "127.0.0.1", server_port, None, invite).pack()
+            )
+            assert await asyncio.wait_for(read.get(), TIMEOUT) == invite
+
+            async def send_failed() -> list[Any]:
+                while True:
+                    for envelope in await worker.frames.get():
+                        if envelope[0] == Kind.SEND_FAILED:
+                            return envelope
+
+            envelope = await asyncio.wait_for(send_failed(), TIMEOUT)
+            assert envelope[1:] == [lb.id, invite]
             server.close()
             await server.wait_closed()
             udp.close()
