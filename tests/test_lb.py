@@ -347,6 +347,20 @@ class Cluster:
         self.workers.append(worker)
         return worker
 
+    async def udp_tcp_lb(
+        self, etcd_server: LocalEtcd, tmp_path: Path, **options: Any
+    ) -> tuple[FakeWorker, LoadBalancer, UdpClient]:
+        """Worker "wa" and a load balancer on UDP and TCP, its pipe to the worker
+        warmed up; returns them and the UDP client used."""
+        worker = await self.add_worker("wa")
+        settings = lb_settings(
+            etcd_server, self.keys, tmp_path, "udp:127.0.0.1:0", "tcp:127.0.0.1:0"
+        )
+        lb = await self.start_lb(settings, **options)
+        udp = await UdpClient.open()
+        await warm_up(lb, udp, (worker,), self.port(0))
+        return worker, lb, udp
+
     async def start_lb(self, settings: Settings, **options: Any) -> LoadBalancer:
         self.lb = LoadBalancer(settings, **options)
         await self.lb.start()
@@ -547,13 +561,7 @@ def test_tcp_messages_and_replies_use_the_client_connection(
 ) -> None:
     async def scenario() -> None:
         async with cluster(etcd_server, key_layout) as state:
-            worker = await state.add_worker("wa")
-            settings = lb_settings(
-                etcd_server, key_layout, tmp_path, "udp:127.0.0.1:0", "tcp:127.0.0.1:0"
-            )
-            lb = await state.start_lb(settings)
-            udp = await UdpClient.open()
-            await warm_up(lb, udp, (worker,), state.port(0))
+            worker, lb, udp = await state.udp_tcp_lb(etcd_server, tmp_path)
             reader, writer = await asyncio.open_connection("127.0.0.1", state.port(1))
             local_port = writer.get_extra_info("sockname")[1]
 
@@ -605,13 +613,7 @@ def test_tcp_to_a_new_destination_opens_a_connection_from_the_listen_host(
 ) -> None:
     async def scenario() -> None:
         async with cluster(etcd_server, key_layout) as state:
-            worker = await state.add_worker("wa")
-            settings = lb_settings(
-                etcd_server, key_layout, tmp_path, "udp:127.0.0.1:0", "tcp:127.0.0.1:0"
-            )
-            lb = await state.start_lb(settings)
-            udp = await UdpClient.open()
-            await warm_up(lb, udp, (worker,), state.port(0))
+            worker, lb, udp = await state.udp_tcp_lb(etcd_server, tmp_path)
 
             accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
             accepted = asyncio.Queue()
@@ -660,13 +662,7 @@ def test_a_request_a_tcp_peer_never_answered_goes_back_when_it_resets(
 
     async def scenario() -> None:
         async with cluster(etcd_server, key_layout) as state:
-            worker = await state.add_worker("wa")
-            settings = lb_settings(
-                etcd_server, key_layout, tmp_path, "udp:127.0.0.1:0", "tcp:127.0.0.1:0"
-            )
-            lb = await state.start_lb(settings)
-            udp = await UdpClient.open()
-            await warm_up(lb, udp, (worker,), state.port(0))
+            worker, lb, udp = await state.udp_tcp_lb(etcd_server, tmp_path)
             while not worker.frames.empty():
                 worker.frames.get_nowait()
 
@@ -736,13 +732,7 @@ def test_idle_tcp_connections_are_closed(
 ) -> None:
     async def scenario() -> None:
         async with cluster(etcd_server, key_layout) as state:
-            worker = await state.add_worker("wa")
-            settings = lb_settings(
-                etcd_server, key_layout, tmp_path, "udp:127.0.0.1:0", "tcp:127.0.0.1:0"
-            )
-            lb = await state.start_lb(settings, idle_timeout=0.3)
-            udp = await UdpClient.open()
-            await warm_up(lb, udp, (worker,), state.port(0))
+            worker, lb, udp = await state.udp_tcp_lb(etcd_server, tmp_path, idle_timeout=0.3)
             udp.close()
             reader, writer = await asyncio.open_connection("127.0.0.1", state.port(1))
             writer.write(b"\r\n\r\n")
